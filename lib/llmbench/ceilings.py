@@ -1,0 +1,126 @@
+"""The device's own ceilings, measured: streaming memory bandwidth and matmul throughput per dtype.
+
+Measured once per device per grid by notebooks/00_device.ipynb; other runs read them back to put
+MBU and MFU on every record. Published specs (data/devices.yaml) are kept apart and labelled so.
+"""
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from . import paths
+from .device import DTYPES, timed, torch_device
+from .records import read_json, record
+
+
+def _repeat(fn, kind, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    return [timed(fn, kind)[1] for _ in range(repeats)]
+
+
+def measure_bandwidth(kind: str, nbytes: int, repeats: int = 5) -> list[dict]:
+    """Read (sum) and copy of an nbytes fp32 buffer, far larger than any cache."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=torch_device(kind))
+    y = torch.empty_like(x)
+    read = _repeat(lambda: x.sum(), kind, 2, repeats)
+    copy = _repeat(lambda: y.copy_(x), kind, 2, repeats)
+    del x, y
+    note = f"fp32 buffer of {nbytes / 2**20:.0f} MiB"
+    return [record(experiment="ceiling", metric="mem_read_bandwidth", unit="GB/s", dtype="fp32", note=note,
+                   samples=[nbytes / t / 1e9 for t in read]),
+            record(experiment="ceiling", metric="mem_copy_bandwidth", unit="GB/s", dtype="fp32",
+                   note=note + "; counts bytes read plus bytes written", samples=[2 * nbytes / t / 1e9 for t in copy])]
+
+
+def measure_matmul(kind: str, dtype: str, n: int, repeats: int = 5) -> dict:
+    dev = torch_device(kind)
+    a = torch.rand(n, n, device=dev).to(DTYPES[dtype])
+    b = torch.rand(n, n, device=dev).to(DTYPES[dtype])
+    times = _repeat(lambda: a @ b, kind, 2, repeats)
+    return record(experiment="ceiling", metric="matmul_throughput", unit="GFLOP/s", dtype=dtype,
+                  note=f"{n}x{n} @ {n}x{n}", samples=[2 * n**3 / t / 1e9 for t in times])
+
+
+def measure_int8_matmul(kind: str, n: int, repeats: int = 5) -> dict:
+    """int8 x int8 matmul rate through the kernel the int8 methods use on this backend."""
+    if kind == "cpu":
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+        lin = torch.nn.Linear(n, n, bias=False)
+        q = DynLinear.from_float(_with_dynamic_qconfig(lin))
+        x = torch.rand(n, n)
+        fn, note = (lambda: q(x)), f"fbgemm dynamic int8 Linear, {n}x{n} activations (quantization included)"
+    elif kind == "cuda":
+        a = torch.randint(-127, 127, (n, n), dtype=torch.int8, device="cuda")
+        b = torch.randint(-127, 127, (n, n), dtype=torch.int8, device="cuda")
+        fn, note = (lambda: torch._int_mm(a, b)), f"torch._int_mm {n}x{n}"
+    else:
+        return record(experiment="ceiling", metric="matmul_throughput", unit="GFLOP/s", dtype="int8",
+                      status=f"unsupported: int8 ceiling not implemented on {kind}")
+    times = _repeat(fn, kind, 2, repeats)
+    return record(experiment="ceiling", metric="matmul_throughput", unit="GFLOP/s", dtype="int8", note=note,
+                  samples=[2 * n**3 / t / 1e9 for t in times])
+
+
+def _with_dynamic_qconfig(lin):
+    lin.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    return lin
+
+
+def measure_all(kind: str, dtypes, quick: bool = False) -> list[dict]:
+    """Every ceiling for this device: bandwidth, matmul per dtype, int8 matmul."""
+    nbytes = (256 if quick else 1024) * 2**20 if kind == "cpu" else (1 if quick else 4) * 2**30
+    n = (1024 if quick else 2048) if kind == "cpu" else (4096 if quick else 8192)
+    rows = measure_bandwidth(kind, nbytes)
+    rows += [measure_matmul(kind, dt, n) for dt in dtypes]
+    rows.append(measure_int8_matmul(kind, n))
+    return rows
+
+
+def from_records(df: pd.DataFrame) -> dict:
+    """{'bandwidth': B/s, 'flops': {dtype: FLOP/s}}: the best median of each kind of ceiling."""
+    df = df[(df.experiment == "ceiling") & (df.status == "ok")]
+    read = df[df.metric == "mem_read_bandwidth"]["median"]
+    mm = df[df.metric == "matmul_throughput"].groupby("dtype")["median"].max()
+    return {"bandwidth": float(read.max()) * 1e9 if len(read) else float("nan"),
+            "flops": {dt: float(v) * 1e9 for dt, v in mm.items()}}
+
+
+def find_device_run(grid_dir, kind: str) -> Path | None:
+    """The finished 00_device run of this grid for this device kind, if any."""
+    for rj in sorted(Path(grid_dir).glob("*/run.json")):
+        info = read_json(rj)
+        if info.get("notebook") == "00_device" and info.get("status") == "ok" \
+                and info.get("device", {}).get("device") == kind:
+            return rj.parent
+    return None
+
+
+def load_or_measure(grid_dir: str, kind: str, dtypes) -> tuple[dict, str]:
+    """Ceilings from the grid's device run, or (run standalone) a quick measurement here."""
+    run = find_device_run(grid_dir, kind) if grid_dir else None
+    if run is not None:
+        return from_records(pd.read_parquet(run / "records.parquet")), f"measured by {run.name}"
+    return from_records(pd.DataFrame(measure_all(kind, dtypes, quick=True))), "measured quickly in this run"
+
+
+def load_specs() -> dict:
+    return yaml.safe_load(paths.DEVICES_SPEC.read_text())["devices"]
+
+
+def spec_for(device_name: str) -> dict | None:
+    """The published spec whose `match` strings occur in the device name, if any."""
+    name = (device_name or "").lower().replace(" ", "")
+    for key, spec in load_specs().items():
+        if any(m.lower().replace(" ", "") in name for m in spec.get("match", [])):
+            return {"key": key, **spec}
+    return None
+
+
+def spec_ceilings(spec: dict | None) -> dict:
+    """A published spec in the same shape as from_records (B/s, FLOP/s)."""
+    if not spec:
+        return {"bandwidth": float("nan"), "flops": {}}
+    return {"bandwidth": (spec.get("bandwidth_GBps") or float("nan")) * 1e9,
+            "flops": {dt: v * 1e12 for dt, v in (spec.get("peak_TFLOPS") or {}).items()}}

@@ -1,0 +1,230 @@
+"""The device: pick npu, then cuda, then cpu; synchronize, time, and read peak memory correctly on it.
+
+torch_npu is only ever imported here, guarded: without CANN it cannot load, and it cannot share a
+process with a CUDA build of torch. Since torch_npu 2.5.1 torch auto-loads it at `import torch`;
+TORCH_DEVICE_BACKEND_AUTOLOAD=0 turns that off, and then we import it explicitly when probing.
+"""
+import importlib.util
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, check_choice
+
+DEVICES = ("auto", "npu", "cuda", "cpu")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def import_torch_npu():
+    """(module, "") when torch_npu imports, else (None, why not)."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return None, "torch_npu is not installed"
+    try:
+        import torch_npu
+    except Exception as e:  # a missing CANN shows up as any kind of error
+        return None, f"import torch_npu failed: {type(e).__name__}: {e}"
+    return torch_npu, ""
+
+
+def availability(kind: str) -> tuple[bool, str]:
+    """Whether a device kind can be used here, and why not."""
+    if kind == "cpu":
+        return True, ""
+    if kind == "cuda":
+        return (True, "") if torch.cuda.is_available() else (False, "torch.cuda.is_available() is False")
+    mod, why = import_torch_npu()
+    if mod is None:
+        return False, why
+    try:
+        ok = bool(torch.npu.is_available())
+    except Exception as e:
+        return False, f"torch.npu.is_available() failed: {e}"
+    return (True, "") if ok else (False, "torch.npu.is_available() is False")
+
+
+def pick_device(requested: str = "auto") -> str:
+    """npu, then cuda, then cpu. A parameter other than auto wins; else LLMBENCH_DEVICE; else detect."""
+    if requested in (None, "", "auto"):
+        requested = os.environ.get("LLMBENCH_DEVICE", "auto") or "auto"
+    check_choice("device", requested, DEVICES)
+    if requested != "auto":
+        ok, why = availability(requested)
+        if not ok:
+            valid = [k for k in DEVICES[1:] if availability(k)[0]]
+            raise UserError(f"device {requested!r} is not available here ({why}); available: {', '.join(valid)}")
+        return requested
+    for kind in ("npu", "cuda"):
+        if availability(kind)[0]:
+            return kind
+    return "cpu"
+
+
+def torch_device(kind: str) -> torch.device:
+    return torch.device("cpu" if kind == "cpu" else f"{kind}:0")
+
+
+def backend(kind: str):
+    """torch.cuda or torch.npu: both expose the same synchronize/Event/memory-statistics API."""
+    return getattr(torch, kind)
+
+
+def usable_dtypes(kind: str) -> dict[str, str]:
+    """dtype name -> "" if usable on this device kind, else the reason it is not."""
+    if kind == "cpu":
+        slow = "no fast kernel on this CPU (bf16 matmul measured at ~0.3 GFLOP/s); use fp32, or int8 via quant"
+        return {"fp32": "", "fp16": slow, "bf16": slow}
+    bf16 = getattr(backend(kind), "is_bf16_supported", lambda: True)()
+    return {"fp32": "", "fp16": "", "bf16": "" if bf16 else f"this {kind} device has no bf16 (e.g. Ascend 910A, 310P)"}
+
+
+def check_dtype(kind: str, dtype: str) -> None:
+    check_choice("dtype", dtype, DTYPES)
+    why = usable_dtypes(kind)[dtype]
+    if why:
+        ok = [d for d, w in usable_dtypes(kind).items() if not w]
+        raise UserError(f"dtype {dtype!r} cannot run on {kind}: {why}; valid on {kind}: {', '.join(ok)}")
+
+
+def synchronize(kind: str) -> None:
+    if kind != "cpu":
+        backend(kind).synchronize()
+
+
+def timed(fn, kind: str):
+    """Run fn() once; return (its result, seconds). Device events on npu/cuda, perf_counter on cpu.
+
+    We synchronize first so that queued work from before is not billed to fn; dispatch is
+    asynchronous on both accelerators, so the end is read only after the end event completes.
+    """
+    synchronize(kind)
+    if kind == "cpu":
+        t0 = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t0
+    start, end = backend(kind).Event(enable_timing=True), backend(kind).Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    end.synchronize()
+    return out, start.elapsed_time(end) / 1e3
+
+
+def _read_status_kb(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def reset_peak_memory(kind: str) -> bool:
+    """Start a new peak-memory window. On cpu, writing 5 to clear_refs resets the process's VmHWM."""
+    if kind != "cpu":
+        backend(kind).reset_peak_memory_stats()
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(kind: str) -> tuple[int, str]:
+    """(bytes, what was measured) since the last reset_peak_memory."""
+    if kind != "cpu":
+        return int(backend(kind).max_memory_allocated()), f"torch.{kind}.max_memory_allocated (allocator peak)"
+    hwm = _read_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm * 1024, "process peak RSS (VmHWM, reset per measurement)"
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS since start (not resettable)"
+
+
+def free_memory(kind: str) -> int:
+    """Bytes that can still be allocated: the device's free memory, or MemAvailable on cpu."""
+    if kind != "cpu":
+        return int(backend(kind).mem_get_info()[0])
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    return int(m.group(1)) * 1024
+
+
+def empty_cache(kind: str) -> None:
+    import gc
+    gc.collect()
+    if kind != "cpu":
+        backend(kind).empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "failed to allocate" in msg
+
+
+def _first_line(cmd: list[str]) -> str:
+    if not shutil.which(cmd[0]):
+        return ""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except Exception:
+        return ""
+
+
+def _ascend_versions() -> dict:
+    """CANN toolkit and driver versions from their install info files, where readable."""
+    out = {}
+    home = Path(os.environ.get("ASCEND_TOOLKIT_HOME", "/usr/local/Ascend/ascend-toolkit/latest"))
+    for key, path, field in (("cann", home / "version.cfg", r"version=\[?([\w.]+)"),
+                             ("cann", home / "arm64-linux/ascend_toolkit_install.info", r"version=([\w.]+)"),
+                             ("cann", home / "x86_64-linux/ascend_toolkit_install.info", r"version=([\w.]+)"),
+                             ("ascend_driver", Path("/usr/local/Ascend/driver/version.info"), r"Version=([\w.]+)")):
+        if key not in out and path.is_file():
+            m = re.search(field, path.read_text(errors="replace"))
+            if m:
+                out[key] = m.group(1)
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        return m.group(1).strip() if m else platform.processor()
+    except OSError:
+        return platform.processor()
+
+
+def describe(kind: str) -> dict:
+    """The device and software a measurement ran on, for run.json and the report."""
+    import transformers
+    info = {
+        "device": kind,
+        "cpu_model": cpu_model(),
+        "cpu_threads": torch.get_num_threads(),
+        "host_memory_bytes": int(re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
+                                 .group(1)) * 1024,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if kind == "cpu":
+        info.update(device_name=info["cpu_model"], device_count=1)
+        return info
+    mod = backend(kind)
+    info.update(device_name=mod.get_device_name(0), device_count=mod.device_count(),
+                device_memory_bytes=int(mod.mem_get_info()[1]))
+    if kind == "cuda":
+        info.update(cuda=torch.version.cuda,
+                    nvidia_driver=_first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
+    else:
+        torch_npu, _ = import_torch_npu()
+        info.update(torch_npu=getattr(torch_npu, "__version__", "unknown"), **_ascend_versions())
+    return info

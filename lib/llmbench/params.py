@@ -1,0 +1,99 @@
+"""Notebook parameters: their declared types (read from the `parameters` cell) and value rules.
+
+The same checks guard a grid before anything runs and each notebook's validation cell, so a value
+is either rejected up front with its name, or valid everywhere. Nothing here evaluates a string.
+"""
+import re
+from functools import lru_cache
+
+from . import paths
+from .device import DEVICES, DTYPES
+from .errors import UserError
+from .models import check_weights_path, model_names
+from .quant import METHODS
+
+# Set by the runner for each grid point; a grid file may not set them.
+RESERVED = ("out_dir", "grid_dir")
+PATH_SAFE = re.compile(r"^[\w./-]*$")
+
+
+@lru_cache(maxsize=None)
+def declared(notebook: str) -> dict:
+    """name -> {type, default, help} from the notebook's `parameters` cell (papermill's parser)."""
+    import papermill
+    path = paths.NOTEBOOKS / f"{notebook}.ipynb"
+    if not path.is_file():
+        valid = sorted(p.stem for p in paths.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+        raise UserError(f"unknown notebook {notebook!r}; valid: {', '.join(valid)}")
+    return {name: {"type": p["inferred_type_name"], "default": p["default"], "help": p["help"]}
+            for name, p in papermill.inspect_notebook(str(path)).items()}
+
+
+def _type_ok(value, type_name: str) -> bool:
+    scalar = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    if type_name in ("int", "float") and isinstance(value, bool):
+        return False
+    if type_name in scalar:
+        return isinstance(value, scalar[type_name])
+    m = re.fullmatch(r"list\[(\w+)\]", type_name)
+    if m:
+        return isinstance(value, list) and len(value) > 0 and all(_type_ok(v, m.group(1)) for v in value)
+    raise ValueError(f"parameter type {type_name!r} is not supported by the validator")
+
+
+def _positive(name, v):
+    vals = v if isinstance(v, list) else [v]
+    if any(x <= 0 for x in vals):
+        raise UserError(f"{name}={v!r}: must be positive")
+
+
+def _choice(valid):
+    def check(name, v):
+        for x in (v if isinstance(v, list) else [v]):
+            if x not in valid:
+                raise UserError(f"{name}: unknown value {x!r}; valid: {', '.join(valid)}")
+    return check
+
+
+def _weights(name, v):
+    check_weights_path(v)
+
+
+def _dir(name, v):
+    if not PATH_SAFE.match(v) or ".." in v.split("/"):
+        raise UserError(f"{name}={v!r}: only letters, digits, '_', '-', '.' and '/' without '..' are allowed")
+
+
+RULES = {
+    "model": lambda n, v: _choice(model_names())(n, v),
+    "device": _choice(DEVICES), "dtype": _choice(list(DTYPES)), "quant": _choice(METHODS),
+    "methods": _choice(METHODS), "weights": _weights, "out_dir": _dir, "grid_dir": _dir,
+    "prompt_lens": _positive, "decode_contexts": _positive, "decode_steps": _positive, "gen_new_tokens": _positive,
+    "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "prompt_len": _positive,
+    "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,
+}
+
+
+def check_value(notebook: str, name: str, value) -> None:
+    decl = declared(notebook)
+    if name not in decl:
+        raise UserError(f"{notebook}: unknown parameter {name!r}; valid: {', '.join(decl)}")
+    t = decl[name]["type"]
+    if not _type_ok(value, t):
+        hint = f" (a list value is written as [[...]] in a grid, one list per candidate)" if t.startswith("list") else ""
+        raise UserError(f"{notebook}: parameter {name}={value!r} has the wrong type; expected {t}{hint}")
+    if name in RULES:
+        RULES[name](name, value)
+
+
+def validate(notebook: str, scope: dict) -> dict:
+    """The validation cell: check every declared parameter found in scope; resolve the device."""
+    from .device import check_dtype, pick_device
+    params = {name: scope[name] for name in declared(notebook) if name in scope}
+    for name, value in params.items():
+        check_value(notebook, name, value)
+    if "device" in params:
+        params["kind"] = pick_device(params["device"])
+        if "dtype" in params:
+            check_dtype(params["kind"], params["dtype"])
+    return params

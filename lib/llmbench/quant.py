@@ -1,0 +1,171 @@
+"""Quantization methods with one meaning on every backend, and the bytes the weights then take.
+
+  none   the model dtype
+  w8a16  int8 per-channel weights, activations in the model dtype
+  w8a8   int8 per-channel weights, dynamic per-token int8 activations
+  w4a16  int4 group-wise weights, activations in the model dtype
+Every nn.Linear is replaced, the LM head included (so a tied embedding keeps its full-precision copy
+for the lookup). A (method, backend, dtype) without a real kernel raises Unsupported with the
+reason; callers record it. There is no fallback to another method.
+"""
+import warnings
+
+import torch
+from torch import nn
+
+from . import quant_npu
+
+METHODS = ("none", "w8a16", "w8a8", "w4a16")
+GROUP_SIZE = 128  # int4 group along K, as in gpt-fast and torchao defaults
+
+
+class Unsupported(Exception):
+    """This method has no real kernel for this backend and dtype; the message says why."""
+
+
+def replace_linears(model: nn.Module, make) -> list[str]:
+    """Swap every nn.Linear for make(linear); returns the dotted names replaced."""
+    replaced = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child))
+                replaced.append(f"{parent_name}.{name}" if parent_name else name)
+    return replaced
+
+
+def group_size(model: nn.Module) -> int:
+    """GROUP_SIZE, or the largest smaller group (64, 32) that divides every in_features (tiny models)."""
+    ks = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
+    for g in (GROUP_SIZE, 64, 32):
+        if all(k % g == 0 for k in ks):
+            return g
+    raise Unsupported(f"in_features {sorted(ks)} are not all divisible by an int4 group size of 32 or more")
+
+
+# --- CPU: fbgemm dynamic int8 for w8a8; aten's int8/int4 weight-only kernels for the others ---------
+
+class CpuInt8WeightLinear(nn.Module):
+    """w8a16 on CPU: aten._weight_int8pack_mm (int8 weight [N,K], per-channel scale [N])."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        q, scale = quant_npu.int8_per_channel(lin.weight.detach())
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale.to(lin.weight.dtype))
+        self.out_features = lin.out_features
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), self.weight, self.scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def uint4_groupwise(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise uint4 (gpt-fast layout): q [N,K] in [0, 15], scales_and_zeros [K/g, N, 2].
+
+    Dequantized weight = (q - 8) * scale + zero, with zero = min + 8 * scale.
+    """
+    n, k = w.shape
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo).clamp(min=1e-6) / 15)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(n, k).to(torch.int32)
+    zero = lo + 8 * scale
+    return q, torch.stack([scale.t(), zero.t()], dim=2).contiguous()
+
+
+class CpuInt4WeightLinear(nn.Module):
+    """w4a16 on CPU: aten._weight_int4pack_mm_for_cpu with group-wise scales and zeros."""
+
+    def __init__(self, lin: nn.Linear, group: int):
+        super().__init__()
+        q, sz = uint4_groupwise(lin.weight.detach(), group)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("scales_and_zeros", sz.to(lin.weight.dtype))
+        self.group, self.out_features = group, lin.out_features
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
+                                                       self.group, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _cpu_w8a8(model):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated")
+        torch.ao.quantization.quantize_dynamic(
+            model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return [n for n, m in model.named_modules() if isinstance(m, DynamicLinear)]
+
+
+def _quantize_cpu(model, method, dtype):
+    if dtype != "fp32":
+        raise Unsupported(f"the CPU int8/int4 kernels here take fp32 activations, not {dtype}")
+    if method == "w8a8":
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise Unsupported("this torch build has no fbgemm quantized engine")
+        return _cpu_w8a8(model)
+    if method == "w8a16":
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            raise Unsupported("this torch build has no aten._weight_int8pack_mm")
+        return replace_linears(model, CpuInt8WeightLinear)
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise Unsupported("this torch build has no aten._weight_int4pack_mm_for_cpu")
+    g = group_size(model)
+    return replace_linears(model, lambda lin: CpuInt4WeightLinear(lin, g))
+
+
+def _quantize_cuda(model, method, dtype):
+    try:
+        from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                          Int8WeightOnlyConfig, quantize_)
+    except ImportError as e:
+        raise Unsupported(f"torchao is not installed ({e}); it provides the CUDA int8/int4 kernels")
+    if method == "w4a16" and dtype != "bf16":
+        raise Unsupported("torchao int4 weight-only takes bf16 activations")
+    before = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    config = {"w8a16": Int8WeightOnlyConfig, "w8a8": Int8DynamicActivationInt8WeightConfig}.get(method)
+    quantize_(model, config() if config else Int4WeightOnlyConfig(group_size=group_size(model)))
+    return before
+
+
+def _quantize_npu(model, method, dtype):
+    if dtype not in ("fp16", "bf16"):
+        raise Unsupported(f"torch_npu quantized matmuls take fp16/bf16 activations, not {dtype}")
+    if method == "w8a16":
+        return replace_linears(model, quant_npu.NpuW8A16Linear)
+    if method == "w8a8":
+        return replace_linears(model, quant_npu.NpuW8A8Linear)
+    g = group_size(model)
+    return replace_linears(model, lambda lin: quant_npu.NpuW4A16Linear(lin, g))
+
+
+def quantize(model: nn.Module, method: str, kind: str, dtype: str) -> list[str]:
+    """Quantize in place; returns the names of the Linear modules replaced. Raises Unsupported."""
+    if method == "none":
+        return []
+    return {"cpu": _quantize_cpu, "cuda": _quantize_cuda, "npu": _quantize_npu}[kind](model, method, dtype)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the weights occupy as stored: each tensor once (tied ones too), scales included."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+
+    for m in model.modules():
+        if isinstance(m, DynamicLinear):  # packed int8 weight: 1 byte per element, plus per-channel qparams
+            w = m.weight()
+            s, z = w.q_per_channel_scales(), w.q_per_channel_zero_points()
+            total += w.numel() + s.numel() * s.element_size() + z.numel() * z.element_size()
+        elif "Rotary" not in type(m).__name__:  # rotary tables derive from the config: not weights
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+                add(t)
+    return total

@@ -1,0 +1,119 @@
+"""One tidy record schema (one row = one metric of one configuration), written atomically.
+
+Rows keep their raw samples, so the report can bootstrap ratios between runs. Every write goes
+to a temporary name in the same directory and is renamed into place: a reader never sees half a file.
+"""
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from . import paths
+from .stats import summarize
+
+# Column -> meaning. Units are in the metric name (…_s, …_bytes, …_per_s) and repeated in `unit`.
+COLUMNS = {
+    "run_id": "grid point that produced the row",
+    "experiment": "device | load | prefill | decode | generate | batch | quant | fidelity | ceiling",
+    "model": "model name (data/models)", "weights": "synthetic or real", "weights_source": "path, hub id or 'synthetic'",
+    "tokens": "where input ids came from: synthetic-ids or corpus:<file>",
+    "device": "npu | cuda | cpu", "device_name": "device model", "dtype": "activation/weight dtype",
+    "quant": "none | w8a16 | w8a8 | w4a16", "batch": "sequences per step", "prompt_len": "prompt tokens",
+    "context_len": "tokens in the KV cache before the timed step", "new_tokens": "generated tokens",
+    "metric": "what was measured", "unit": "unit of the statistics", "status": "ok | oom | unsupported: why | error: why",
+    "n": "samples", "median": "", "mean": "", "std": "", "p90": "", "p99": "",
+    "ci_low": "bootstrap 95% CI of the median", "ci_high": "", "samples": "raw samples",
+    "flops": "useful FLOPs of one measured unit (cost model)", "bytes": "bytes moved by one unit (cost model)",
+    "bound_s": "lower-bound time against the measured ceilings", "mbu": "bytes/s over measured bandwidth",
+    "mfu": "FLOP/s over measured peak", "bound_spec_s": "lower bound against the published spec",
+    "mbu_spec": "", "mfu_spec": "", "note": "free text",
+}
+
+
+def record(samples=None, **fields) -> dict:
+    """A row: given fields, statistics of `samples` (if any), every other column None."""
+    unknown = set(fields) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown record fields: {sorted(unknown)}")
+    row = dict.fromkeys(COLUMNS)
+    row.update(status="ok")
+    if samples is not None:
+        row.update(summarize(samples), samples=[float(s) for s in samples])
+    row.update(fields)
+    return row
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_records(rows: list[dict], path) -> None:
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_json(obj, path) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+    _atomic_write(path, write)
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def git_commit() -> str:
+    """HEAD of the project checkout, with '+dirty' when files differ from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=paths.ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for name in ("torch", "torch_npu", "transformers", "torchao", "papermill", "pandas", "numpy", "scipy"):
+        try:
+            out[name] = version(name.replace("_", "-"))
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def ok_runs(results_dir) -> list[Path]:
+    """Finished run folders (their run.json says ok), anywhere under results_dir."""
+    out = []
+    for rj in sorted(Path(results_dir).rglob("run.json")):
+        if any(part.startswith(".") for part in rj.relative_to(results_dir).parts):
+            continue  # .tmp and .superseded hold unfinished or replaced runs
+        if read_json(rj).get("status") == "ok" and (rj.parent / "records.parquet").is_file():
+            out.append(rj.parent)
+    return out
+
+
+def read_all(results_dir) -> pd.DataFrame:
+    """Every record of every finished run under results_dir, with the run's grid attached."""
+    frames = []
+    for run in ok_runs(results_dir):
+        df = pd.read_parquet(run / "records.parquet")
+        df["grid"] = read_json(run / "run.json").get("grid")
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, "grid"])
