@@ -19,6 +19,20 @@ METHODS = ("none", "w8a16", "w8a8", "w4a16")
 GROUP_SIZE = 128  # int4 group along K, as in gpt-fast and torchao defaults
 
 
+# What actually runs for each (backend, method): recorded next to every quantized number.
+KERNELS = {
+    ("cpu", "w8a8"): "fbgemm dynamic int8 (torch.ao quantize_dynamic, per-channel weights); activations are "
+                     "quantized per tensor with a 7-bit range, not per token",
+    ("cpu", "w8a16"): "aten._weight_int8pack_mm (int8 per-channel weights, fp32 activations)",
+    ("cpu", "w4a16"): "aten._weight_int4pack_mm_for_cpu (uint4 group-wise weights with zero points)",
+    ("cuda", "w8a16"): "torchao Int8WeightOnlyConfig", ("cuda", "w8a8"): "torchao Int8DynamicActivationInt8WeightConfig",
+    ("cuda", "w4a16"): "torchao Int4WeightOnlyConfig",
+    ("npu", "w8a16"): "torch_npu.npu_weight_quant_batchmatmul (int8 per-channel)",
+    ("npu", "w8a8"): "torch_npu.npu_dynamic_quant + npu_quant_matmul (per-token activations)",
+    ("npu", "w4a16"): "torch_npu.npu_weight_quant_batchmatmul with int4-packed group-wise weights",
+}
+
+
 class Unsupported(Exception):
     """This method has no real kernel for this backend and dtype; the message says why."""
 

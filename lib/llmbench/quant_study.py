@@ -7,6 +7,7 @@ stack. An unsupported method is a recorded result with its reason.
 from . import latency
 from .device import empty_cache, torch_device
 from .fidelity import all_logits, compare_logits, perplexity
+from .quant import KERNELS
 from .session import add, load, row
 from .stats import ratio_of_medians
 from .workload import make_batch
@@ -53,7 +54,8 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
             for k, r in measured.items():  # speed-up = baseline time / method time, with a bootstrap CI
                 ratio, lo, hi = ratio_of_medians(r["samples"], base[k]["samples"])
                 add(ctx, row(ctx, experiment="quant", metric=f"{k}_speedup_vs_none", unit="x", n=r["n"],
-                             median=ratio, ci_low=lo, ci_high=hi, batch=1, prompt_len=prompt_len, **f))
+                             median=ratio, ci_low=lo, ci_high=hi, batch=1, prompt_len=prompt_len,
+                             note=KERNELS.get((ctx["kind"], method)), **f))
         del model, logits
         empty_cache(ctx["kind"])
     return ctx["rows"]

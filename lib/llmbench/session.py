@@ -61,7 +61,7 @@ def load(ctx: dict, method: str | None = None):
     """(model, info) with weights loaded and quantized, or (None, info) when the method is unsupported
     here; either way the load is recorded. info: weights, load_s, weight_bytes, tokenizer, cfg."""
     from .models import load_config, load_model, load_tokenizer
-    from .quant import Unsupported, quantize, weight_bytes
+    from .quant import KERNELS, Unsupported, quantize, weight_bytes
     p = ctx["params"]
     method = method or p.get("quant", "none")
     model, info = load_model(p["model"], p["weights"], p["dtype"], ctx["kind"], p.get("seed", 0))
@@ -79,5 +79,6 @@ def load(ctx: dict, method: str | None = None):
     add(ctx, [row(ctx, experiment="load", metric="load_time", unit="s", samples=[info["load_s"]], **fields),
               row(ctx, experiment="load", metric="quantize_time", unit="s", samples=[info["quantize_s"]], **fields),
               row(ctx, experiment="load", metric="weight_bytes", unit="bytes", samples=[info["weight_bytes"]],
-                  note=f"{len(info['replaced'])} Linear modules quantized" if method != "none" else "", **fields)])
+                  note=f"{len(info['replaced'])} Linear modules quantized: {KERNELS.get((ctx['kind'], method))}"
+                  if method != "none" else "", **fields)])
     return model, info

@@ -1,0 +1,67 @@
+"""Decode speed-up of each quantization method over the unquantized model, with its fidelity, in one run.
+
+    python benchmarks/quant_speedup.py [--model llama-3.2-1b] [--methods w8a8 w8a16 w4a16] [--steps 16]
+
+Warm-up, then per-step decode timing (device-synchronized) at batch 1; speed-up = median TPOT of
+`none` / median TPOT of the method, with a bootstrap 95% CI. Fidelity is against `none` on the same
+inputs (synthetic weights unless --weights is given: not the fidelity of the real model).
+"""
+import argparse
+import gc
+import time
+
+from llmbench import quant
+from llmbench.device import pick_device
+from llmbench.fidelity import all_logits, compare_logits
+from llmbench.measure import time_decode, time_prefill
+from llmbench.models import load_config, load_model
+from llmbench.stats import ratio_of_medians
+from llmbench.workload import make_batch
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--weights", default="synthetic")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--methods", nargs="+", default=["w8a8"], help="also: w8a16 w4a16 (slow on CPUs without AVX-512)")
+    ap.add_argument("--context", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens")
+    args = ap.parse_args()
+    kind = pick_device(args.device)
+    cfg = load_config(args.model)
+    ids, _ = make_batch(1, args.context, cfg, 0)
+    fid_ids, _ = make_batch(2, 32, cfg, 1)
+    results, ref = {}, None
+    for method in ["none", *args.methods]:
+        t0 = time.perf_counter()
+        model, _ = load_model(args.model, args.weights, args.dtype, kind)
+        try:
+            quant.quantize(model, method, kind, args.dtype)
+        except quant.Unsupported as e:
+            print(f"{method:>6}: unsupported: {e}")
+            continue
+        wb = quant.weight_bytes(model)
+        logits = all_logits(model, fid_ids)
+        ref = logits if method == "none" else ref
+        tpot = time_decode(model, ids, kind, steps=args.steps, warmup=2)
+        ttft = time_prefill(model, make_batch(1, args.prefill, cfg, 0)[0], kind, 1, 3) if args.prefill else None
+        results[method] = tpot
+        fid = compare_logits(ref, logits)
+        line = (f"{method:>6}: TPOT median {sorted(tpot)[len(tpot) // 2] * 1e3:8.1f} ms | weights {wb / 1e9:5.2f} GB"
+                f" | KL {fid['kl_mean']:.2e} nats, top-1 agreement {fid['top1_agreement']:.3f},"
+                f" rel. logit error {fid['rel_logit_error']:.4f} | setup {time.perf_counter() - t0:5.1f} s")
+        if ttft:
+            line += f" | prefill {args.prefill} tok {sorted(ttft)[1]:.2f} s"
+        if method != "none":
+            r, lo, hi = ratio_of_medians(tpot, results["none"])
+            line += f"\n{'':>8}decode speed-up over none: {r:.2f}x (95% CI {lo:.2f}-{hi:.2f})"
+        print(line, flush=True)
+        del model, logits
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()

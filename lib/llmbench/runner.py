@@ -1,0 +1,194 @@
+"""Run a grid: one grid point = one process (`llmbench run-point`) that writes one run folder.
+
+    data/runs/<grid>/<run_id>/{<notebook>.ipynb, records.parquet, run.json, log.txt}
+
+A point runs in data/runs/<grid>/.tmp/<attempt>/<run_id>/ and is renamed into place only when its
+run.json is written, so a reader (status, report, the next runner) never sees half a run. A run
+already there is moved to .superseded/ rather than overwritten. Completed runs are skipped on re-run;
+failed and timed-out ones are recorded (status, error, log tail) and retried on the next run.
+"""
+import ctypes
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import paths
+from .errors import UserError
+from .grid import load_grid
+from .records import git_commit, package_versions, read_json, write_json
+
+KERNEL = os.environ.get("LLMBENCH_KERNEL", "llmbench")
+LOG_TAIL_LINES = 40
+
+
+def grid_dir(grid: dict, runs_root=None) -> Path:
+    return Path(runs_root or paths.RUNS) / grid["name"]
+
+
+def point_status(gdir: Path, point: dict) -> dict:
+    rj = gdir / point["run_id"] / "run.json"
+    return read_json(rj) if rj.is_file() else {"status": "pending"}
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def finalize(tmp: Path, final: Path) -> None:
+    """Move a finished attempt into place; keep any earlier run of the same point in .superseded/."""
+    if final.exists():
+        keep = final.parent / ".superseded" / f"{final.name}.{time.strftime('%Y%m%d-%H%M%S')}.{os.getpid()}"
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(final, keep)
+    os.replace(tmp, final)
+
+
+def check_kernel() -> None:
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        raise UserError(f"Jupyter kernel {KERNEL!r} is not registered; run `make setup` "
+                        f"(or: python -m ipykernel install --sys-prefix --name {KERNEL})")
+
+
+def run_point(notebook: str, params: dict, gdir: Path, run_id: str, grid_name: str, cell_timeout: int,
+              tmp: Path | None = None) -> dict:
+    """Execute one notebook with papermill into its own folder; record how it went; move it into place."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    from .device import describe, pick_device
+    tmp = Path(tmp or gdir / ".tmp" / f"{os.getpid()}-{time.time_ns()}" / run_id)
+    tmp.mkdir(parents=True, exist_ok=True)
+    info = {"run_id": run_id, "grid": grid_name, "notebook": notebook, "parameters": params,
+            "git_commit": git_commit(), "versions": package_versions(), "kernel": KERNEL,
+            "start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
+    t0 = time.time()
+    log = tmp / "log.txt"
+    try:
+        info["device"] = describe(pick_device(params.get("device", "auto")))
+        write_json(info, tmp / "run.json")
+        with open(log, "w") as out:
+            papermill.execute_notebook(
+                str(paths.NOTEBOOKS / f"{notebook}.ipynb"), str(tmp / f"{notebook}.ipynb"),
+                parameters={**params, "out_dir": str(tmp), "grid_dir": str(gdir)}, kernel_name=KERNEL,
+                execution_timeout=cell_timeout, progress_bar=False, log_output=True,
+                stdout_file=out, stderr_file=out, cwd=str(paths.ROOT))
+        info.update(status="ok", error=None)
+    except PapermillExecutionError as e:
+        info.update(status="failed", error=f"{e.ename}: {e.evalue}")
+    except Exception as e:  # a dead kernel, a cell timeout, a missing kernel: recorded, never raised
+        kind = "timeout" if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower() else "failed"
+        info.update(status=kind, error=f"{type(e).__name__}: {str(e).strip()[:2000]}")
+    info.update(end=time.strftime("%Y-%m-%dT%H:%M:%S%z"), duration_s=round(time.time() - t0, 3),
+                log_tail=_tail(log))
+    write_json(info, tmp / "run.json")
+    finalize(tmp, gdir / run_id)
+    return info
+
+
+def _die_with_parent():
+    """In the child: get SIGKILL when the runner dies, so a killed runner leaves no orphan point."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _spawn(point, grid, gdir, tmp):
+    cmd = [sys.executable, "-m", "llmbench.cli", "run-point", point["notebook"], "--params",
+           json.dumps(point["params"]), "--grid-dir", str(gdir), "--run-id", point["run_id"],
+           "--grid-name", grid["name"], "--cell-timeout", str(grid["cell_timeout_s"]), "--tmp-dir", str(tmp)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _run_one(point, grid, gdir) -> dict:
+    """Run a point in a child process with the outer timeout; record it if the child could not."""
+    tmp = gdir / ".tmp" / f"{os.getpid()}-{time.time_ns()}" / point["run_id"]
+    t0 = time.time()
+    proc = _spawn(point, grid, gdir, tmp)
+    try:
+        out, _ = proc.communicate(timeout=grid["timeout_s"])
+        status = None if proc.returncode == 0 else "failed"
+        error = f"run-point exited with {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        status, error = "timeout", f"exceeded the grid's timeout_s={grid['timeout_s']}"
+    if status is None or not tmp.exists():
+        return point_status(gdir, point)
+    # The child died or was killed before finalizing: record that, with what it left behind.
+    info = read_json(tmp / "run.json") if (tmp / "run.json").is_file() else {
+        "run_id": point["run_id"], "grid": grid["name"], "notebook": point["notebook"], "parameters": point["params"]}
+    info.update(status=status, error=error, duration_s=round(time.time() - t0, 3),
+                log_tail="\n".join(((out or "") + "\n" + _tail(tmp / "log.txt")).strip().splitlines()[-LOG_TAIL_LINES:]))
+    write_json(info, tmp / "run.json")
+    finalize(tmp, gdir / point["run_id"])
+    return info
+
+
+def _lock(gdir: Path):
+    gdir.mkdir(parents=True, exist_ok=True)
+    f = open(gdir / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"another runner is working on {gdir} (it holds {gdir / '.lock'}); wait for it to finish")
+    return f
+
+
+def run_grid(path, force: bool = False, dry_run: bool = False, runs_root=None) -> int:
+    """Run every pending point; 0 when all points of the grid end ok, 1 otherwise."""
+    from tqdm import tqdm
+    grid = load_grid(path)
+    gdir = grid_dir(grid, runs_root)
+    if dry_run:
+        for p in grid["points"]:
+            print(f"{p['run_id']:<70} {point_status(gdir, p)['status']:<8} {json.dumps(p['params'])}")
+        print(f"{len(grid['points'])} points")
+        return 0
+    check_kernel()
+    lock = _lock(gdir)
+    shutil.rmtree(gdir / ".tmp", ignore_errors=True)  # attempts of a runner that was killed
+    todo = [p for p in grid["points"] if force or point_status(gdir, p)["status"] != "ok"]
+    print(f"grid {grid['name']}: {len(grid['points'])} points, {len(grid['points']) - len(todo)} already done, "
+          f"running {len(todo)} -> {gdir}", flush=True)
+    with tqdm(total=len(todo), unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+        for p in todo:
+            bar.set_description(p["run_id"][:40])
+            info = _run_one(p, grid, gdir)
+            bar.update(1)
+            err = f"  {info.get('error')}" if info["status"] != "ok" else ""
+            tqdm.write(f"{info['status']:<8} {info.get('duration_s', 0):7.1f} s  {p['run_id']}{err}")
+    lock.close()
+    return print_status(grid, gdir)
+
+
+def print_status(grid: dict, gdir: Path) -> int:
+    counts = {}
+    for p in grid["points"]:
+        s = point_status(gdir, p)["status"]
+        counts[s] = counts.get(s, 0) + 1
+    print(f"grid {grid['name']}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"  ({gdir})")
+    return 0 if counts.get("ok", 0) == len(grid["points"]) else 1
+
+
+def status(path, runs_root=None) -> int:
+    grid = load_grid(path)
+    gdir = grid_dir(grid, runs_root)
+    for p in grid["points"]:
+        info = point_status(gdir, p)
+        extra = f"  {info.get('error')}" if info["status"] not in ("ok", "pending") else ""
+        print(f"{info['status']:<8} {info.get('duration_s', 0) or 0:8.1f} s  {p['run_id']}{extra}")
+    return print_status(grid, gdir)
