@@ -73,9 +73,13 @@ def cmd_status(args) -> int:
 def cmd_run_point(args) -> int:
     """One grid point, self-contained: any scheduler can run this on any machine."""
     from .grid import safe_slug
-    from .params import check_value
+    from .params import check_value, declared
     from .runner import check_kernel, run_point
-    params = json.loads(args.params)
+    declared(args.notebook)  # an unknown notebook is a user error, not a failed run
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--params is not valid JSON ({e}): {args.params!r}")
     if not isinstance(params, dict):
         raise UserError(f"--params must be a JSON object, got {args.params!r}")
     for k, v in params.items():

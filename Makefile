@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine:
+#   make study   - install, then run the grid of the detected device (npu, cuda or cpu) and build the report
+#   make test    - install, then run the whole test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KERNEL := llmbench
+PIP_EXTRA ?=
+
+.PHONY: setup study report test smoke lab clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): requirements.lock requirements-cuda.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements.lock
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements-cuda.txt; fi
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" >/dev/null
+	@touch $(STAMP)
+	@echo "installed into $(VENV); Jupyter kernel '$(KERNEL)' registered"
+
+setup: $(STAMP)
+
+# The grid of the detected device; a failed point does not stop the report, but makes the exit status non-zero.
+study: setup
+	@dev=$$($(BIN)/llmbench detect) && grid=data/grids/$$dev.yaml && echo "device: $$dev -> grid $$grid" && \
+	$(BIN)/llmbench run $$grid; rc=$$?; \
+	$(BIN)/llmbench report data/runs/$$dev --figures figures --html report/index.html || exit 1; \
+	echo "study results: data/runs/$$dev/"; exit $$rc
+
+report: setup
+	$(BIN)/llmbench report data/runs/$$($(BIN)/llmbench detect)
+
+smoke: setup
+	$(BIN)/llmbench run data/grids/smoke.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) data/runs/*/ figures/*.png figures/*.svg report/index.html report/*.ipynb

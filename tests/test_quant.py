@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch import nn
+
+from llmbench import quant
+from llmbench.fidelity import all_logits, compare_logits
+from llmbench.models import load_model
+
+
+@pytest.mark.parametrize("method", ["w8a8", "w8a16", "w4a16"])
+def test_cpu_methods_replace_exactly_the_linears_and_keep_kl_bounded(method):
+    model, _ = load_model("tiny-3b", seed=5)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = all_logits(model, ids)
+    before = quant.weight_bytes(model)
+    replaced = quant.quantize(model, method, "cpu", "fp32")
+    assert set(replaced) == linears and len(linears) == 7 * 3 + 1
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    after = quant.weight_bytes(model)
+    assert after < before
+    fid = compare_logits(ref, all_logits(model, ids))
+    assert fid["kl_mean"] < {"w8a8": 1e-3, "w8a16": 1e-4, "w4a16": 1e-2}[method]
+    assert fid["top1_agreement"] > 0.9
+
+
+def test_weight_bytes_count_tied_embedding_once_and_scales():
+    model, _ = load_model("tiny-1b")
+    assert quant.weight_bytes(model) == 155_968 * 4
+    quant.quantize(model, "w8a16", "cpu", "fp32")
+    linear = 2 * 61_440 + 512 * 64  # int8 bytes of every Linear, LM head included
+    scales = (2 * (64 + 32 + 32 + 64 + 256 + 256 + 64) + 512) * 4  # fp32 per output channel
+    embed_and_norms = 512 * 64 * 4 + (2 * 2 * 64 + 64) * 4
+    assert quant.weight_bytes(model) == linear + scales + embed_and_norms
+
+
+def test_uint4_groupwise_dequantizes_to_the_weight():
+    w = torch.randn(48, 256) * 0.02
+    q, sz = quant.uint4_groupwise(w, 128)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (2, 48, 2)
+    scale = sz[..., 0].t().repeat_interleave(128, dim=1)
+    zero = sz[..., 1].t().repeat_interleave(128, dim=1)
+    deq = (q - 8) * scale + zero
+    assert (deq - w).abs().max() <= scale.max() / 2 + 1e-7
+
+
+def test_unsupported_combinations_are_reasons_not_fallbacks():
+    model, _ = load_model("tiny-1b")
+    with pytest.raises(quant.Unsupported, match="fp32 activations, not bf16"):
+        quant.quantize(model, "w8a8", "cpu", "bf16")
+    with pytest.raises(quant.Unsupported, match="torchao"):
+        quant.quantize(model, "w8a16", "cuda", "bf16")  # torchao is not installed in the CPU environment
+    assert quant.quantize(model, "none", "cpu", "fp32") == []

@@ -1,0 +1,81 @@
+"""The report built from the smoke grid's records: sections, embedded figures, offline, in a browser."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import cli
+
+SECTIONS = ["Summary", "Setup and provenance", "Latency", "Throughput and memory", "Quantization",
+            "Efficiency against the limits", "Projection to Ascend devices", "Chinese tokenization",
+            "Claims check", "Limitations"]
+
+
+@pytest.fixture(scope="module")
+def built(smoke_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    r = cli("report", smoke_runs / "smoke", "--figures", out / "figures", "--html", out / "index.html")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.strip().endswith(str(out / "index.html"))
+    return out
+
+
+def test_every_section_and_figure(built):
+    html = (built / "index.html").read_text()
+    for s in SECTIONS:
+        assert re.search(rf"<h2[^>]*>{re.escape(s)}", html), s
+    assert html.count("data:image/png;base64,") >= 5
+    for name in ("latency", "throughput_memory", "quantization", "roofline", "projection_tpot_bound"):
+        assert (built / "figures" / f"{name}.png").stat().st_size > 5000
+        assert (built / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
+    assert "synthetic" in html and "bounds, not measurements" in html
+    assert "tiny-1b" in html and "tiny-3b" in html
+
+
+def test_claims_table_has_every_claim_with_a_verdict(built):
+    import yaml
+    html = (built / "index.html").read_text()
+    claims = yaml.safe_load(open("data/claims.yaml"))["claims"]
+    verdicts = re.findall(r"<td>(supported|contradicted|not testable on this device)</td>", html)
+    assert len(verdicts) == len(claims)
+    assert "not testable on this device" in verdicts  # no NPU here
+    assert "contradicted" in verdicts  # 2N vs the seed's N FLOPs per token, derived from the configs
+
+
+def test_no_external_resource_is_loaded(built):
+    html = (built / "index.html").read_text()
+    assert not re.search(r"<script[^>]+src=", html)
+    assert not re.search(r"<link[^>]+href=[\"']?(https?:)?//", html)
+    assert not re.search(r"<img[^>]+src=[\"']?(https?:)?//", html)
+    assert not re.search(r"@import|url\([\"']?(https?:)?//", html)
+
+
+def test_a_report_without_data_says_so(smoke_runs, tmp_path):
+    only_device = tmp_path / "runs" / "smoke"
+    only_device.mkdir(parents=True)
+    src = next((smoke_runs / "smoke").glob("00_device-*"))
+    shutil.copytree(src, only_device / src.name)
+    r = cli("report", tmp_path / "runs", "--figures", tmp_path / "fig", "--html", tmp_path / "index.html")
+    assert r.returncode == 0, r.stderr
+    html = (tmp_path / "index.html").read_text()
+    assert "No batch-1 latency records" in html and "No batch-sweep records" in html
+    assert "No quantization records" in html
+
+
+def test_opens_offline_in_headless_chromium_without_console_errors(built, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium is not installed here")
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                        "--window-size=1280,1600", f"--screenshot={shot}", (built / "index.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000, r.stderr[-2000:]
+    console = [line for line in r.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console
