@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+# transformers probes torch_npu once, on first import: import it before any test installs the fake.
+from transformers import LlamaForCausalLM  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 LLMBENCH = [sys.executable, "-m", "llmbench.cli"]

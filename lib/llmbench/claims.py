@@ -74,7 +74,7 @@ def tpot_ratio(claim, ctx):
         return {"value": "no TPOT of both 1B and 3B", "verdict": UNTESTABLE, "basis": "measured",
                 "why": "the runs lack one of the models"}
     r = t.iloc[0]
-    value = f"3B/1B TPOT = {R.fmt_ci(r.ratio, r.ci_low, r.ci_high)} ({r.dtype}, context {int(r['tokens'])})"
+    value = f"3B/1B TPOT = {R.fmt_ci(r.ratio, r.ci_low, r.ci_high)} ({r['dtype']}, context {int(r['tokens'])})"
     if claim["device"] == "npu" and ctx["kind"] != "npu":
         return _not_here(claim, ctx, value)
     return {"value": value, "verdict": _verdict(_inside(r.ratio, *claim["range"])), "basis": "measured",
@@ -114,8 +114,8 @@ def throughput_ratio(claim, ctx):
     s, l = (d[(d.model == m) & (d.batch == b)].iloc[0] for m in MODELS)
     from .stats import ratio_of_medians
     r, lo, hi = ratio_of_medians(l["samples"], s["samples"])
-    return {"value": f"1B/3B generated tokens/s at batch {b}: {R.fmt_ci(r, lo, hi)}",
-            "verdict": _verdict(_inside(r, *claim["range"])), "basis": "measured", "why": f"{s.dtype}, unquantized"}
+    return {"value": f"1B/3B generated tokens/s at batch {int(b)}: {R.fmt_ci(r, lo, hi)}",
+            "verdict": _verdict(_inside(r, *claim["range"])), "basis": "measured", "why": f"{s['dtype']}, unquantized"}
 
 
 def memory_range(claim, ctx):
@@ -151,7 +151,7 @@ def quant_speedup(claim, ctx):
         return {"value": "no int8 speed-up measured", "verdict": UNTESTABLE, "basis": "measured", "why": "no data"}
     best = d.loc[d.groupby("model")["median"].idxmax()]
     value = "; ".join(f"{r.model} {r.quant}: {R.fmt_ci(r['median'], r.ci_low, r.ci_high)}x decode speed-up over "
-                      f"unquantized {r.dtype}" for _, r in best.iterrows())
+                      f"unquantized {r['dtype']}" for _, r in best.iterrows())
     ok = all(_inside(v, *claim["range"]) for v in best["median"])
     return {"value": value, "verdict": _verdict(ok), "basis": "measured",
             "why": "baseline is the run's dtype; from fp32, int8 weights are 4x fewer bytes (2x from 16-bit)"}

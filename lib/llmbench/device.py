@@ -66,8 +66,9 @@ def pick_device(requested: str = "auto") -> str:
     return "cpu"
 
 
-def torch_device(kind: str) -> torch.device:
-    return torch.device("cpu" if kind == "cpu" else f"{kind}:0")
+def torch_device(kind: str) -> str:
+    """The device string torch APIs take ("npu" only parses once torch_npu has registered it)."""
+    return "cpu" if kind == "cpu" else f"{kind}:0"
 
 
 def backend(kind: str):

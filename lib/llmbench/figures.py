@@ -44,11 +44,16 @@ def latency(df, figures_dir):
         _errorbar(ax[0], g, "prompt_len", f"{model} {dtype}", color(model), ls="-" if dtype != "fp16" else "--")
     for (model, dtype), g in p.groupby(["model", "dtype"]):
         _errorbar(ax[1], g, "context_len", f"{model} {dtype}", color(model), ls="-" if dtype != "fp16" else "--")
-    ax[0].set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="time to first token (ms)",
+    ax[0].set(xlabel="prompt length (tokens)", ylabel="time to first token (ms)",
               title="Prefill: TTFT, batch 1 (median, 95% CI)")
-    ax[1].set(xscale="log", xlabel="tokens in KV cache (context)", ylabel="time per output token (ms)",
+    ax[1].set(xlabel="tokens in KV cache (context)", ylabel="time per output token (ms)",
               title="Decode: TPOT, batch 1 (median, 95% CI)")
-    for a in ax:
+    for a, d, x in ((ax[0], t, "prompt_len"), (ax[1], p, "context_len")):
+        a.set_xscale("log", base=2)
+        ticks = sorted(d[x].dropna().unique())
+        a.set_xticks(ticks, [str(int(v)) for v in ticks])
+        a.minorticks_off()
+        a.set_ylim(bottom=0)
         a.legend(fontsize=8)
     return save(fig, figures_dir, "latency")
 
@@ -97,7 +102,7 @@ def quantization(df, figures_dir):
 
 
 def roofline(df, figures_dir):
-    d = df[(df.status == "ok") & df.flops.notna() & (df.unit == "s") & (df["median"] > 0)]
+    d = df[(df.status == "ok") & df.flops.notna() & (df.unit == "s") & (df["median"] > 0) & (df.quant == "none")]
     ceil = df[(df.experiment == "ceiling") & (df.status == "ok")]
     if d.empty or ceil.empty:
         return None
@@ -112,7 +117,7 @@ def roofline(df, figures_dir):
                    marker={"prefill": "o", "decode": "s", "generate": "^", "batch": "D"}.get(exp, "x"),
                    label=f"{model} {exp}", alpha=0.8, s=25)
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte moved)",
-           ylabel="achieved GFLOP/s", title="Roofline against this device's measured ceilings")
+           ylabel="achieved GFLOP/s", title="Roofline: unquantized runs against this device's measured ceilings")
     ax.legend(fontsize=7, ncol=2)
     return save(fig, figures_dir, "roofline")
 
@@ -129,8 +134,10 @@ def projection(proj, figures_dir):
         g = p[p.model == m].set_index("device").reindex(devices)
         ax.bar(np.arange(len(devices)) + i * w, g._tpot_s * 1e3, width=w, color=color(m), label=m)
     ax.set_xticks(np.arange(len(devices)) + w * (len(models) - 1) / 2)
-    ax.set_xticklabels([d.replace("Huawei ", "").replace("NVIDIA ", "") for d in devices], rotation=20, ha="right",
-                       fontsize=8)
-    ax.set(ylabel="lower bound on TPOT (ms)", title="Projection (bounds, not measurements): 16-bit decode, batch 1")
+    unconfirmed = set(p[p["unconfirmed inputs"] != "none"].device)
+    ax.set_xticklabels([d.replace("Huawei ", "").replace("NVIDIA ", "") + (" *" if d in unconfirmed else "")
+                        for d in devices], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="lower bound on TPOT (ms)",
+           title="Projection (bounds, not measurements): 16-bit decode, batch 1\n* spec figures unconfirmed")
     ax.legend()
     return save(fig, figures_dir, "projection_tpot_bound")

@@ -46,6 +46,8 @@ def role(model: str, p) -> str | None:
 def fmt_time(s: float) -> str:
     if s is None or not np.isfinite(s):
         return "n/a"
+    if s >= 120:
+        return f"{s / 60:.1f} min"
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
@@ -221,7 +223,7 @@ def quant_table(df) -> pd.DataFrame:
     if d.empty:
         return d
     rows = []
-    for (model, quant), g in d.groupby(["model", "quant"], sort=False):
+    for (run, model, quant), g in d.groupby(["run_id", "model", "quant"], sort=False):
         def med(metric, exp=None):
             r = g[(g.metric == metric) & (g.status == "ok") & ((g.experiment == exp) if exp else True)]
             return r.iloc[0] if len(r) else None
@@ -231,7 +233,8 @@ def quant_table(df) -> pd.DataFrame:
             continue
         sp, wb, tp, tt = med("tpot_speedup_vs_none"), med("weight_bytes"), med("tpot"), med("ttft")
         tok = med("tokens_per_s")
-        rows.append({"model": model, "method": quant, "weights": fmt_gb(wb["median"]) if wb is not None else "",
+        rows.append({"model": model, "method": quant, "prompt": int(tt["prompt_len"]) if tt is not None else "",
+                     "weights": fmt_gb(wb["median"]) if wb is not None else "",
                      "TTFT": fmt_time(tt["median"]) if tt is not None else "",
                      "TPOT": fmt_time(tp["median"]) if tp is not None else "",
                      "decode speed-up": fmt_ci(sp["median"], sp["ci_low"], sp["ci_high"]) + " x" if sp is not None else "baseline",
@@ -295,8 +298,10 @@ def projection(models) -> pd.DataFrame:
                 wb = cm.count_params(cfg)["total"] * (1 if precision == "int8" else 2)
                 ttft = cm.bound_s(cm.prefill_flops(cfg, 1, prompt), cm.prefill_bytes(cfg, wb, 1, prompt, "bf16"), peak, bw)
                 tpot = cm.bound_s(cm.decode_flops(cfg, 1, prompt), cm.decode_bytes(cfg, wb, 1, prompt, "bf16"), peak, bw)
+                long_ttft = cm.bound_s(cm.prefill_flops(cfg, 1, 1024), cm.prefill_bytes(cfg, wb, 1, 1024, "bf16"), peak, bw)
                 row = {"device": spec["name"], "model": model, "precision": precision,
-                       "TTFT bound (128 tok)": fmt_time(ttft), "TPOT bound (batch 1)": fmt_time(tpot)}
+                       "TTFT bound (128 tok)": fmt_time(ttft), "TTFT bound (1024 tok)": fmt_time(long_ttft),
+                       "TPOT bound (batch 1)": fmt_time(tpot)}
                 for b in (1, 16, 32):
                     step = cm.bound_s(cm.decode_flops(cfg, b, prompt + new // 2),
                                       cm.decode_bytes(cfg, wb, b, prompt + new // 2, "bf16"), peak, bw)
@@ -348,7 +353,7 @@ def summary_text(df, runs, checks) -> str:
         tp = tp[tp.model == m]
         if len(tp):
             r = tp.loc[tp.context_len.idxmin()]
-            out.append(f"- {m}: {fmt_time(r['median'])} per output token at batch 1 ({r.dtype}, context "
+            out.append(f"- {m}: {fmt_time(r['median'])} per output token at batch 1 ({r['dtype']}, context "
                        f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth.")
     if p and len(t[t.metric == "TPOT"]):
         r = t[t.metric == "TPOT"].iloc[0]
@@ -361,7 +366,7 @@ def summary_text(df, runs, checks) -> str:
     sp = ok(df, metric="tpot_speedup_vs_none")
     for _, r in sp.loc[sp.groupby("model")["median"].idxmax()].iterrows() if len(sp) else []:
         out.append(f"- Fastest quantization for {r.model}: {r.quant}, decode {fmt_ci(r['median'], r.ci_low, r.ci_high)}x "
-                   f"faster than {r.dtype}.")
+                   f"faster than {r['dtype']}.")
     counts = {}
     for c in checks:
         counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1

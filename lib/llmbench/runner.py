@@ -50,6 +50,10 @@ def finalize(tmp: Path, final: Path) -> None:
         keep.parent.mkdir(parents=True, exist_ok=True)
         os.replace(final, keep)
     os.replace(tmp, final)
+    try:
+        tmp.parent.rmdir()  # the attempt's folder, now empty
+    except OSError:
+        pass
 
 
 def check_kernel() -> None:
@@ -126,9 +130,11 @@ def _run_one(point, grid, gdir) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         status, error = "timeout", f"exceeded the grid's timeout_s={grid['timeout_s']}"
-    if status is None or not tmp.exists():
-        return point_status(gdir, point)
+    final_json = gdir / point["run_id"] / "run.json"
+    if status is None or (not tmp.exists() and final_json.is_file() and final_json.stat().st_mtime >= t0):
+        return point_status(gdir, point)  # the child recorded its own outcome
     # The child died or was killed before finalizing: record that, with what it left behind.
+    tmp.mkdir(parents=True, exist_ok=True)
     info = read_json(tmp / "run.json") if (tmp / "run.json").is_file() else {
         "run_id": point["run_id"], "grid": grid["name"], "notebook": point["notebook"], "parameters": point["params"]}
     info.update(status=status, error=error, duration_s=round(time.time() - t0, 3),
