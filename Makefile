@@ -26,9 +26,9 @@ setup: $(STAMP)
 # The grid of the detected device; a failed point does not stop the report, but makes the exit status non-zero.
 study: setup
 	@dev=$$($(BIN)/llmbench detect) && grid=data/grids/$$dev.yaml && echo "device: $$dev -> grid $$grid" && \
-	$(BIN)/llmbench run $$grid; rc=$$?; \
+	$(BIN)/llmbench run $$grid; rc=$$?; echo "study results: data/runs/$$dev/"; \
 	$(BIN)/llmbench report data/runs/$$dev --figures figures --html report/index.html || exit 1; \
-	echo "study results: data/runs/$$dev/"; exit $$rc
+	exit $$rc
 
 report: setup
 	$(BIN)/llmbench report data/runs/$$($(BIN)/llmbench detect)

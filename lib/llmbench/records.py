@@ -46,7 +46,7 @@ def record(samples=None, **fields) -> dict:
     return row
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -61,14 +61,14 @@ def _atomic_write(path: Path, write) -> None:
 
 def write_records(rows: list[dict], path) -> None:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
-    _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def write_json(obj, path) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=str)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_json(path) -> dict:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from . import paths
 from .errors import UserError
-from .records import _atomic_write
+from .records import atomic_write
 
 TEMPLATES = Path(__file__).parent / "report_template"
 
@@ -15,7 +15,7 @@ def to_html(notebook_path: Path, html_path: Path) -> None:
     exporter = HTMLExporter(template_name="offline", extra_template_basedirs=[str(TEMPLATES)],
                             exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(notebook_path, as_version=4))
-    _atomic_write(html_path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+    atomic_write(html_path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
 
 
 def build(results_dir, figures_dir="figures", html_path="report/index.html") -> Path:
