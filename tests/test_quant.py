@@ -34,6 +34,14 @@ def test_weight_bytes_count_tied_embedding_once_and_scales():
     assert quant.weight_bytes(model) == linear + scales + embed_and_norms
 
 
+def test_a_step_streams_the_tied_embedding_once_and_a_left_behind_table_not_at_all():
+    model, _ = load_model("tiny-1b")
+    assert quant.streamed_weight_bytes(model) == quant.weight_bytes(model)  # tied: the table is the LM head
+    quant.quantize(model, "w8a8", "cpu", "fp32")
+    table = 512 * 64 * 4  # fp32 embedding, now only looked up row by row
+    assert quant.streamed_weight_bytes(model) == quant.weight_bytes(model) - table
+
+
 def test_uint4_groupwise_dequantizes_to_the_weight():
     w = torch.randn(48, 256) * 0.02
     q, sz = quant.uint4_groupwise(w, 128)

@@ -30,7 +30,7 @@ def run(ctx, model, info, max_batch, prompt_len, new_tokens, warmup, repeats, se
 
 def one_batch(ctx, model, info, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0):
     """Generate at batch b: latency, tokens/s, requests/s, peak memory; or a recorded out-of-memory."""
-    cfg, kind, dt, wb = info["cfg"], ctx["kind"], ctx["params"]["dtype"], info["weight_bytes"]
+    cfg, kind, dt, wb = info["cfg"], ctx["kind"], ctx["params"]["dtype"], info["read_bytes"]
     ids, src = make_batch(b, prompt_len, cfg, seed, info["tokenizer"])
     ids = ids.to(torch_device(kind))
     common = dict(batch=b, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **info["fields"])

@@ -5,7 +5,8 @@ Conventions (kipply's "Transformer inference arithmetic"; Kaplan et al. 2020, Ta
 - causal attention (QK^T and AV) costs 4 * layers * heads * head_dim FLOPs per (query, key) pair;
 - prefill computes logits for the last position only (as generate does), decode for the new token;
 - one decode step reads every stored weight once (quantized bytes and scales as measured; the tied
-  embedding once, as the LM head) plus the whole KV cache.
+  embedding once, as the LM head; an embedding table the LM head does not share only row by row)
+  plus the whole KV cache.
 A lower bound is max(FLOPs / peak FLOP/s, bytes / bandwidth): no implementation can beat it.
 """
 import math

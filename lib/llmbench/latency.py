@@ -16,7 +16,7 @@ def _ids(ctx, info, batch, length, seed):
 
 
 def prefill(ctx, model, info, length, warmup, repeats, seed, batch=1):
-    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["weight_bytes"]
+    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["read_bytes"]
     ids, src = _ids(ctx, info, batch, length, seed)
     samples, peak, label = with_peak_memory(lambda: time_prefill(model, ids, ctx["kind"], warmup, repeats), ctx["kind"])
     common = dict(batch=batch, prompt_len=length, tokens=src, **info["fields"])
@@ -27,7 +27,7 @@ def prefill(ctx, model, info, length, warmup, repeats, seed, batch=1):
 
 
 def decode(ctx, model, info, context, steps, warmup, repeats, seed, batch=1):
-    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["weight_bytes"]
+    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["read_bytes"]
     ids, src = _ids(ctx, info, batch, context, seed)
     samples, peak, label = with_peak_memory(
         lambda: time_decode(model, ids, ctx["kind"], steps=steps, warmup=warmup, repeats=repeats), ctx["kind"])
@@ -49,7 +49,7 @@ def generate_cost(cfg, wb, batch, prompt_len, new_tokens, dtype):
 
 def generate(ctx, model, info, prompt_len, new_tokens, steps, warmup, repeats, seed):
     """Whole generate vs the sum of its parts, all measured here on the same prompt."""
-    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["weight_bytes"]
+    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["read_bytes"]
     ttft = prefill(ctx, model, info, prompt_len, warmup, repeats, seed)
     tpot = decode(ctx, model, info, prompt_len, steps, warmup, repeats, seed)
     ids, src = _ids(ctx, info, 1, prompt_len, seed)

@@ -162,6 +162,15 @@ def quantize(model: nn.Module, method: str, kind: str, dtype: str) -> list[str]:
     return {"cpu": _quantize_cpu, "cuda": _quantize_cuda, "npu": _quantize_npu}[kind](model, method, dtype)
 
 
+def streamed_weight_bytes(model: nn.Module) -> int:
+    """Weight bytes one forward step reads: every stored weight, except an input embedding table that the
+    LM head does not share (untied, or left behind when the LM head was quantized): the lookup reads
+    only its rows, which the cost model adds per token."""
+    emb = model.get_input_embeddings().weight
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    return weight_bytes(model) - (0 if head is emb else emb.numel() * emb.element_size())
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the weights occupy as stored: each tensor once (tied ones too), scales included."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear

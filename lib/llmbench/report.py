@@ -349,20 +349,25 @@ def summary_text(df, runs, checks) -> str:
     out = [f"- Measured on **{d.get('device_name')}** ({device_kind(df)}), with {weights_used(df)} weights."]
     p, t = pair(df), ratio_table(df)
     for m in (p or ()):
-        tp = latency_rows(df, "tpot")
-        tp = tp[tp.model == m]
+        tp, tt = latency_rows(df, "tpot"), latency_rows(df, "ttft")
+        tp, tt = tp[tp.model == m], tt[tt.model == m]
         if len(tp):
             r = tp.loc[tp.context_len.idxmin()]
+            first = ""
+            if len(tt):
+                f = tt.loc[tt.prompt_len.idxmax()]
+                first = f"; first token after {fmt_time(f['median'])} for a {int(f.prompt_len)}-token prompt"
             out.append(f"- {m}: {fmt_time(r['median'])} per output token at batch 1 ({r['dtype']}, context "
-                       f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth.")
+                       f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{first}.")
     if p and len(t[t.metric == "TPOT"]):
         r = t[t.metric == "TPOT"].iloc[0]
         out.append(f"- 3B/1B decode latency ratio: {fmt_ci(r.ratio, r.ci_low, r.ci_high)}.")
     for (model, quant), v in largest_batch(df).items():
         tok = ok(df, notebook="02_batch_sweep", model=model, quant=quant, metric="tokens_per_s")
         if len(tok):
-            out.append(f"- {model} ({quant}): up to {tok['median'].max():.3g} generated tokens/s; largest batch run "
-                       f"{v['largest_ok']}" + (f", out of memory from batch {v['first_oom']}." if v["first_oom"] else "."))
+            out.append(f"- {model} ({quant}): up to {tok['median'].max():.3g} generated tokens/s; largest batch that ran: "
+                       f"{v['largest_ok']}" + (f", out of memory from batch {v['first_oom']}." if v["first_oom"] else
+                                               " (no out-of-memory)."))
     sp = ok(df, metric="tpot_speedup_vs_none")
     for _, r in sp.loc[sp.groupby("model")["median"].idxmax()].iterrows() if len(sp) else []:
         out.append(f"- Fastest quantization for {r.model}: {r.quant}, decode {fmt_ci(r['median'], r.ci_low, r.ci_high)}x "

@@ -59,9 +59,10 @@ def row(ctx: dict, samples=None, flops=None, nbytes=None, compute_dtype=None, **
 
 def load(ctx: dict, method: str | None = None):
     """(model, info) with weights loaded and quantized, or (None, info) when the method is unsupported
-    here; either way the load is recorded. info: weights, load_s, weight_bytes, tokenizer, cfg."""
+    here; either way the load is recorded. info: weights, load_s, weight_bytes,
+    read_bytes (what a forward step streams), tokenizer, cfg."""
     from .models import load_config, load_model, load_tokenizer
-    from .quant import KERNELS, Unsupported, quantize, weight_bytes
+    from .quant import KERNELS, Unsupported, quantize, streamed_weight_bytes, weight_bytes
     p = ctx["params"]
     method = method or p.get("quant", "none")
     model, info = load_model(p["model"], p["weights"], p["dtype"], ctx["kind"], p.get("seed", 0))
@@ -74,7 +75,8 @@ def load(ctx: dict, method: str | None = None):
         return None, info
     # w8a8 multiplies int8 by int8: its compute ceiling is the int8 one; the others dequantize to dtype.
     info["compute_dtype"] = "int8" if method == "w8a8" else p["dtype"]
-    info.update(quantize_s=time.perf_counter() - t0, weight_bytes=weight_bytes(model), cfg=load_config(p["model"]),
+    info.update(quantize_s=time.perf_counter() - t0, weight_bytes=weight_bytes(model),
+                read_bytes=streamed_weight_bytes(model), cfg=load_config(p["model"]),
                 tokenizer=load_tokenizer(p["weights"]), fields=fields)
     add(ctx, [row(ctx, experiment="load", metric="load_time", unit="s", samples=[info["load_s"]], **fields),
               row(ctx, experiment="load", metric="quantize_time", unit="s", samples=[info["quantize_s"]], **fields),
