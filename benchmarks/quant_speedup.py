@@ -7,11 +7,13 @@ Warm-up, then per-step decode timing (device-synchronized) at batch 1; speed-up 
 inputs (synthetic weights unless --weights is given: not the fidelity of the real model).
 """
 import argparse
+import sys
 import gc
 import time
 
 from llmbench import quant
 from llmbench.device import pick_device
+from llmbench.errors import UserError
 from llmbench.fidelity import all_logits, compare_logits
 from llmbench.measure import time_decode, time_prefill
 from llmbench.models import load_config, load_model
@@ -64,4 +66,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad --model, --device or --dtype: one line, no traceback
+        sys.exit(f"error: {e}")

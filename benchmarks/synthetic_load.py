@@ -6,12 +6,14 @@ Prints wall seconds per load (target: the 3B within 30 s on the 2-core build mac
 weight bytes, and whether two loads with the same seed are identical.
 """
 import argparse
+import sys
 import gc
 import time
 
 import torch
 
 from llmbench.device import pick_device
+from llmbench.errors import UserError
 from llmbench.models import load_model
 from llmbench.quant import weight_bytes
 
@@ -39,4 +41,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad --model, --device or --dtype: one line, no traceback
+        sys.exit(f"error: {e}")
