@@ -75,7 +75,7 @@ def throughput(df, figures_dir):
     ax[1].set(ylabel="latency per request (s)", title="Whole-batch generate latency")
     ax[2].set(ylabel="peak memory (GB)", title="Peak memory")
     for a in ax:
-        a.set(xscale="log", xlabel="batch size (requests)")
+        a.set_xlabel("batch size (requests)")
         a.set_xscale("log", base=2)
         a.legend(fontsize=8)
     return save(fig, figures_dir, "throughput_memory")

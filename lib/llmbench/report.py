@@ -16,6 +16,7 @@ from .stats import ratio_of_medians
 
 PAIRS = [("llama-3.2-1b", "llama-3.2-3b"), ("tiny-1b", "tiny-3b")]
 REQUEST = (128, 128)  # prompt and new tokens of one "request" in projections (the seed's 128-token input)
+LONG_PROMPT = 1024  # a long-document prompt, for the projected TTFT
 
 
 def load(results_dir) -> tuple[pd.DataFrame, list[dict]]:
@@ -143,7 +144,7 @@ def latency_text(df) -> str:
     if len(tt):
         lines.append(f"Time to first token grows from {tt.iloc[0][p[0]]} ({p[0]}) and {tt.iloc[0][p[1]]} ({p[1]}) at "
                      f"{int(tt.iloc[0]['tokens'])} prompt tokens to {tt.iloc[-1][p[0]]} and {tt.iloc[-1][p[1]]} at "
-                     f"{int(tt.iloc[-1]['tokens'])}; the 3B/1B ratio there is "
+                     f"{int(tt.iloc[-1]['tokens'])}; the {p[1]}/{p[0]} ratio there is "
                      f"{fmt_ci(*tt.iloc[-1][['ratio', 'ci_low', 'ci_high']])}.")
     c = {m: cm.dense_weight_bytes(load_config(m), 2) for m in p}
     lines.append(f"For comparison, the ratio of weight bytes is {c[p[1]] / c[p[0]]:.2f}: the bound for memory-bound "
@@ -298,9 +299,10 @@ def projection(models) -> pd.DataFrame:
                 wb = cm.count_params(cfg)["total"] * (1 if precision == "int8" else 2)
                 ttft = cm.bound_s(cm.prefill_flops(cfg, 1, prompt), cm.prefill_bytes(cfg, wb, 1, prompt, "bf16"), peak, bw)
                 tpot = cm.bound_s(cm.decode_flops(cfg, 1, prompt), cm.decode_bytes(cfg, wb, 1, prompt, "bf16"), peak, bw)
-                long_ttft = cm.bound_s(cm.prefill_flops(cfg, 1, 1024), cm.prefill_bytes(cfg, wb, 1, 1024, "bf16"), peak, bw)
+                long_ttft = cm.bound_s(cm.prefill_flops(cfg, 1, LONG_PROMPT),
+                                       cm.prefill_bytes(cfg, wb, 1, LONG_PROMPT, "bf16"), peak, bw)
                 row = {"device": spec["name"], "model": model, "precision": precision,
-                       "TTFT bound (128 tok)": fmt_time(ttft), "TTFT bound (1024 tok)": fmt_time(long_ttft),
+                       f"TTFT bound ({prompt} tok)": fmt_time(ttft), f"TTFT bound ({LONG_PROMPT} tok)": fmt_time(long_ttft),
                        "TPOT bound (batch 1)": fmt_time(tpot)}
                 for b in (1, 16, 32):
                     step = cm.bound_s(cm.decode_flops(cfg, b, prompt + new // 2),
