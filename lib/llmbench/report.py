@@ -129,6 +129,11 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def weight_ratio(small: str, large: str) -> float:
+    """large/small weight bytes at any one dtype (= parameter ratio): the ratio of memory-bound decode times."""
+    return cm.count_params(load_config(large))["total"] / cm.count_params(load_config(small))["total"]
+
+
 def latency_text(df) -> str:
     p, t = pair(df), ratio_table(df)
     if not p or t.empty:
@@ -146,8 +151,7 @@ def latency_text(df) -> str:
                      f"{int(tt.iloc[0]['tokens'])} prompt tokens to {tt.iloc[-1][p[0]]} and {tt.iloc[-1][p[1]]} at "
                      f"{int(tt.iloc[-1]['tokens'])}; the {p[1]}/{p[0]} ratio there is "
                      f"{fmt_ci(*tt.iloc[-1][['ratio', 'ci_low', 'ci_high']])}.")
-    c = {m: cm.dense_weight_bytes(load_config(m), 2) for m in p}
-    lines.append(f"For comparison, the ratio of weight bytes is {c[p[1]] / c[p[0]]:.2f}: the bound for memory-bound "
+    lines.append(f"For comparison, the ratio of weight bytes is {weight_ratio(*p):.2f}: the bound for memory-bound "
                  "decoding.")
     return " ".join(lines)
 
@@ -296,7 +300,7 @@ def projection(models) -> pd.DataFrame:
                 if peak is None:
                     continue
                 peak, bw = peak * 1e12, spec["bandwidth_GBps"] * 1e9
-                wb = cm.count_params(cfg)["total"] * (1 if precision == "int8" else 2)
+                wb = cm.dense_weight_bytes(cfg, 1 if precision == "int8" else 2)
                 ttft = cm.bound_s(cm.prefill_flops(cfg, 1, prompt), cm.prefill_bytes(cfg, wb, 1, prompt, "bf16"), peak, bw)
                 tpot = cm.bound_s(cm.decode_flops(cfg, 1, prompt), cm.decode_bytes(cfg, wb, 1, prompt, "bf16"), peak, bw)
                 long_ttft = cm.bound_s(cm.prefill_flops(cfg, 1, LONG_PROMPT),
