@@ -10,6 +10,7 @@ import pandas as pd
 
 from . import costmodel as cm
 from .ceilings import load_specs
+from .config import CONFIG_KEYS
 from .models import load_config
 from .records import ok_runs, read_all, read_json
 from .stats import ratio_of_medians
@@ -24,7 +25,31 @@ def load(results_dir) -> tuple[pd.DataFrame, list[dict]]:
     df = read_all(results_dir)
     by_id = {r["run_id"]: r["notebook"] for r in runs}
     df["notebook"] = df["run_id"].map(by_id)
+    if "engine" not in df:  # records from before the engine axis: all ran HF transformers eagerly
+        df["engine"] = "eager"
+    df["engine"] = df["engine"].fillna("eager")
     return df, runs
+
+
+def config_keys(df: pd.DataFrame, drop=()) -> list[str]:
+    """The configuration keys present in df (config.CONFIG_KEYS), less `drop`: group by these, so a new
+    axis shows as a new row and never collapses into another configuration's."""
+    return [k for k in CONFIG_KEYS if k in df.columns and k not in drop]
+
+
+def pooled(g: pd.DataFrame) -> np.ndarray:
+    """All raw samples of the rows of one configuration and shape (several runs of it are pooled)."""
+    parts = [np.asarray(s, dtype=float) for s in g["samples"] if s is not None and len(s)]
+    return np.concatenate(parts) if parts else np.asarray(g["median"], dtype=float)
+
+
+def trend(values, lows, highs) -> str:
+    """'rises', 'falls' or 'is flat' from the first to the last point, judged beyond both CIs."""
+    lo0 = lows[0] if np.isfinite(lows[0]) else values[0]
+    hi0 = highs[0] if np.isfinite(highs[0]) else values[0]
+    lo1 = lows[-1] if np.isfinite(lows[-1]) else values[-1]
+    hi1 = highs[-1] if np.isfinite(highs[-1]) else values[-1]
+    return "rises" if lo1 > hi0 else "falls" if hi1 < lo0 else "is flat (within the CIs)"
 
 
 def ok(df: pd.DataFrame, **eq) -> pd.DataFrame:
@@ -53,7 +78,9 @@ def fmt_time(s: float) -> str:
 
 
 def fmt_gb(b: float) -> str:
-    return "n/a" if b is None or not np.isfinite(b) else f"{b / 1e9:.3g} GB"
+    if b is None or not np.isfinite(b):
+        return "n/a"
+    return f"{b / 1e9:.3g} GB" if abs(b) >= 1e8 else f"{b / 1e6:.3g} MB"
 
 
 def fmt_ci(m, lo, hi, fmt=lambda x: f"{x:.3g}") -> str:
@@ -112,21 +139,41 @@ def latency_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
-    """large/small ratio of TTFT per prompt length and TPOT per context (`tokens`), with bootstrap CIs."""
+    """large/small ratio of TTFT per prompt length and TPOT per context (`tokens`), with bootstrap CIs, per
+    configuration (every config key but the model): no configuration is dropped. `work ratio` is the
+    larger of the FLOPs and bytes ratios of the two records: with a fixed per-step cost on top of a
+    roofline time, the time ratio lies between 1 and it."""
     p = pair(df)
     if not p:
         return pd.DataFrame()
     rows = []
     for metric, x in (("ttft", "prompt_len"), ("tpot", "context_len")):
         d = latency_rows(df, metric)
-        for (dtype, length), g in d.groupby(["dtype", x]):
+        keys = config_keys(d, drop=("model", "weights_source"))
+        for k, g in d.groupby([*keys, x], dropna=False):
             s, l = g[g.model == p[0]], g[g.model == p[1]]
             if len(s) and len(l):
-                r, lo, hi = ratio_of_medians(s.iloc[0]["samples"], l.iloc[0]["samples"])
-                rows.append({"metric": metric.upper(), "dtype": dtype, "tokens": int(length),
-                             p[0]: fmt_time(s.iloc[0]["median"]), p[1]: fmt_time(l.iloc[0]["median"]),
-                             "ratio": r, "ci_low": lo, "ci_high": hi})
+                r, lo, hi = ratio_of_medians(pooled(s), pooled(l))
+                work = max(l.flops.mean() / s.flops.mean(), l.bytes.mean() / s.bytes.mean()) \
+                    if s.flops.notna().all() and l.flops.notna().all() else float("nan")
+                rows.append({"metric": metric.upper(), **dict(zip(keys, k[:-1])), "tokens": int(k[-1]),
+                             p[0]: fmt_time(np.median(pooled(s))), p[1]: fmt_time(np.median(pooled(l))),
+                             "ratio": r, "ci_low": lo, "ci_high": hi, "work ratio": work})
     return pd.DataFrame(rows)
+
+
+def physical_ratios(df: pd.DataFrame) -> pd.DataFrame:
+    """Each large/small latency ratio with the range it can physically take: [1, work ratio]."""
+    t = ratio_table(df)
+    if t.empty:
+        return pd.DataFrame(columns=["what", "ratio", "ci_low", "ci_high", "low", "high", "why"])
+    keys = [k for k in ("engine", "dtype", "quant", "device") if k in t]
+    return pd.DataFrame({
+        "what": [f"{r['metric']} {p_[1]}/{p_[0]} at {r['tokens']} tokens, " + " ".join(str(r[k]) for k in keys)
+                 for r in t.to_dict("records") for p_ in [pair(df)]],
+        "ratio": t.ratio, "ci_low": t.ci_low, "ci_high": t.ci_high, "low": 1.0, "high": t["work ratio"],
+        "why": "the larger model does more of every kind of work; with a fixed cost per step the ratio lies "
+               "between 1 and the larger of its FLOPs and bytes ratios"})
 
 
 def weight_ratio(small: str, large: str) -> float:
@@ -138,21 +185,32 @@ def latency_text(df) -> str:
     p, t = pair(df), ratio_table(df)
     if not p or t.empty:
         return "No batch-1 latency records of both models: nothing to compare."
-    tp = t[t.metric == "TPOT"]
-    tt = t[t.metric == "TTFT"]
     lines = []
-    if len(tp):
-        lines.append(f"Per-token decode latency (TPOT) of {p[1]} is {fmt_ci(*tp.iloc[0][['ratio', 'ci_low', 'ci_high']])}"
-                     f" times that of {p[0]} at a context of {int(tp.iloc[0]['tokens'])} tokens"
-                     + (f", and {fmt_ci(*tp.iloc[-1][['ratio', 'ci_low', 'ci_high']])} at {int(tp.iloc[-1]['tokens'])}."
-                        if len(tp) > 1 else "."))
-    if len(tt):
-        lines.append(f"Time to first token grows from {tt.iloc[0][p[0]]} ({p[0]}) and {tt.iloc[0][p[1]]} ({p[1]}) at "
-                     f"{int(tt.iloc[0]['tokens'])} prompt tokens to {tt.iloc[-1][p[0]]} and {tt.iloc[-1][p[1]]} at "
-                     f"{int(tt.iloc[-1]['tokens'])}; the {p[1]}/{p[0]} ratio there is "
-                     f"{fmt_ci(*tt.iloc[-1][['ratio', 'ci_low', 'ci_high']])}.")
-    lines.append(f"For comparison, the ratio of weight bytes is {weight_ratio(*p):.2f}: the bound for memory-bound "
-                 "decoding.")
+    for engine, te in t.groupby("engine") if "engine" in t else [("", t)]:
+        tp, tt = te[te.metric == "TPOT"], te[te.metric == "TTFT"]
+        on = f" ({engine} engine)" if engine else ""
+        for dtype, g in tp.groupby("dtype"):
+            lines.append(f"Per-token decode latency (TPOT) of {p[1]}{on}, {dtype}, is "
+                         f"{fmt_ci(*g.iloc[0][['ratio', 'ci_low', 'ci_high']])} times that of {p[0]} at a context of "
+                         f"{int(g.iloc[0]['tokens'])} tokens"
+                         + (f", and {fmt_ci(*g.iloc[-1][['ratio', 'ci_low', 'ci_high']])} at {int(g.iloc[-1]['tokens'])}."
+                            if len(g) > 1 else "."))
+        for dtype, g in tt.groupby("dtype"):
+            if len(g) < 2:
+                continue
+            words = []
+            for m in p:
+                r = latency_rows(df, "ttft")
+                r = r[(r.model == m) & (r.dtype == dtype) & ((r.engine == engine) if engine else True)]
+                r = r.groupby("prompt_len").agg(median=("median", "median"), lo=("ci_low", "min"), hi=("ci_high", "max"))
+                words.append(f"for {m} it {trend(r['median'].values, r.lo.values, r.hi.values)} from "
+                             f"{fmt_time(r['median'].iat[0])} at {int(r.index[0])} prompt tokens to "
+                             f"{fmt_time(r['median'].iat[-1])} at {int(r.index[-1])}")
+            lines.append(f"Time to first token{on}, {dtype}: " + "; ".join(words) + f". The {p[1]}/{p[0]} ratio at "
+                         f"{int(g.iloc[-1]['tokens'])} tokens is {fmt_ci(*g.iloc[-1][['ratio', 'ci_low', 'ci_high']])}.")
+    lines.append(f"For comparison, the ratio of weight bytes is {weight_ratio(*p):.2f}: the ratio a purely "
+                 "bandwidth-bound decode would show. A fixed per-step cost (dispatch, synchronization, small "
+                 "kernels) pulls the measured ratio below it, towards 1; see the fit under *Efficiency*.")
     return " ".join(lines)
 
 
@@ -171,37 +229,112 @@ def generate_gap(df) -> pd.DataFrame:
     return out
 
 
+def published() -> dict:
+    import yaml
+    from . import paths
+    return yaml.safe_load((paths.DATA / "published.yaml").read_text())
+
+
+def published_ratios() -> pd.DataFrame:
+    """3B/1B decode ratios computed from published tokens/s pairs (data/published.yaml, with sources)."""
+    rows = [{"setup": p["setup"], "1B tokens/s": p["small"], "3B tokens/s": p["large"],
+             "3B/1B time ratio": p["small"] / p["large"], "source": p["source"]
+             + (f" ({p['unconfirmed']})" if p.get("unconfirmed") else "")} for p in published()["decode_tokens_per_s"]]
+    return pd.DataFrame(rows)
+
+
+def decode_fit_table(df) -> pd.DataFrame:
+    from .ceilings import from_records
+    from .decode_fit import fits, implied_ratio
+    bw_meas = from_records(df).get("bandwidth", float("nan"))
+    p, t = pair(df), ratio_table(df)
+    rows = []
+    for key, f in fits(df).items():
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip([k for k in ("engine", "dtype", "device") if k in df], key))
+        row.update({"fixed cost per step": fmt_ci(f.fixed_s, *f.fixed_ci, fmt=fmt_time),
+                    "effective bandwidth": fmt_ci(f.bandwidth / 1e9, *(x / 1e9 for x in f.bandwidth_ci)) + " GB/s",
+                    "share of measured read bandwidth": f"{f.bandwidth / bw_meas:.0%}" if np.isfinite(bw_meas) else "",
+                    "points": f.points, "R²": f"{f.r2:.3f}"})
+        if p:
+            tp = latency_rows(df, "tpot")
+            sel = tp[(tp.dtype == row.get("dtype")) & ((tp.engine == row["engine"]) if "engine" in row else True)]
+            b = {m: sel[sel.model == m].bytes.median() for m in p}
+            if all(np.isfinite(v) for v in b.values()):
+                row["3B/1B ratio the fit implies"] = f"{implied_ratio(f, b[p[0]], b[p[1]]):.2f}"
+                row["bytes ratio"] = f"{b[p[1]] / b[p[0]]:.2f}"
+            m = t[(t.metric == "TPOT") & (t.dtype == row.get("dtype"))
+                  & ((t.engine == row["engine"]) if "engine" in row and "engine" in t else True)] if len(t) else t
+            if len(m):
+                r = m.loc[m.tokens.idxmin()]
+                row["measured 3B/1B ratio"] = fmt_ci(r.ratio, r.ci_low, r.ci_high)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def decode_fit_text(df) -> str:
+    t = decode_fit_table(df)
+    pub = published_ratios()
+    lo, hi = pub["3B/1B time ratio"].min(), pub["3B/1B time ratio"].max()
+    tail = (f" Published 3B/1B decode ratios (tokens/s of 1B over 3B) lie between {lo:.2f} and {hi:.2f}: "
+            "they come from runtimes with little per-step overhead, so they sit close to the bytes ratio.")
+    if t.empty:
+        return ("No fit of TPOT against bytes streamed: it needs batch-1 decode records of models of different "
+                "sizes (the bytes of one model barely change with context)." + tail)
+    out = []
+    for r in t.to_dict("records"):
+        who = " ".join(str(r[k]) for k in ("engine", "dtype", "device") if k in r)
+        s = (f"{who}: TPOT = {r['fixed cost per step']} + bytes / {r['effective bandwidth']} "
+             f"(R² {r['R²']}, {r['points']} records)")
+        if "3B/1B ratio the fit implies" in r:
+            s += (f"; this fixed cost makes the 3B/1B ratio {r['3B/1B ratio the fit implies']} instead of the bytes "
+                  f"ratio {r['bytes ratio']}" + (f" (measured {r['measured 3B/1B ratio']})" if r.get("measured 3B/1B ratio") else ""))
+        out.append(s + ".")
+    return " ".join(out) + tail
+
+
 # --- throughput and memory ----------------------------------------------------------------------------
+
+BATCH_METRICS = {  # metric -> column; the timed split first (llama-bench's pp/tg), then the generate-based one
+    "prefill_tokens_per_s": "prefill tokens/s", "decode_tokens_per_s": "decode tokens/s",
+    "tokens_per_s": "generate tokens/s (prefill and decode mixed)", "requests_per_s": "requests/s",
+    "generate_latency": "latency per request", "peak_memory": "peak memory"}
+
 
 def batch_table(df) -> pd.DataFrame:
     d = df[(df.notebook == "02_batch_sweep") & (df.experiment == "batch")]
     if d.empty:
         return d
-    keys = ["model", "dtype", "quant", "batch"]
-    piv = d[d.metric == "generate_latency"][keys + ["status"]]  # every batch tried, out-of-memory ones too
-    for metric in ("tokens_per_s", "requests_per_s", "generate_latency", "peak_memory"):
-        piv = piv.merge(d[d.metric == metric][keys + ["median"]].rename(columns={"median": metric}), on=keys, how="left")
-    piv = piv.astype({m: float for m in ("tokens_per_s", "requests_per_s", "generate_latency", "peak_memory")})
-
-    def num(fmt):
-        return lambda x: fmt(x) if np.isfinite(x) else ""
-    out = pd.DataFrame({"model": piv.model, "dtype": piv.dtype, "quant": piv.quant, "batch": piv.batch.astype(int),
-                        "tokens/s": piv.tokens_per_s.map(num(lambda x: f"{x:.3g}")),
-                        "requests/s": piv.requests_per_s.map(num(lambda x: f"{x:.3g}")),
-                        "latency per request": piv.generate_latency.map(num(fmt_time)),
-                        "peak memory": piv.peak_memory.map(num(fmt_gb)), "status": piv.status})
-    return out
+    keys = [*config_keys(d, drop=("weights_source", "tokens")), "batch"]
+    tried = d[d.metric == "generate_latency"][[*keys, "status"]].drop_duplicates(keys)  # every batch, OOM ones too
+    out = tried[keys].copy()
+    for metric, col in BATCH_METRICS.items():
+        m = d[(d.metric == metric) & (d.status == "ok")]
+        if m.empty:
+            continue
+        fmt = fmt_time if metric == "generate_latency" else fmt_gb if metric == "peak_memory" else (lambda x: f"{x:.3g}")
+        m = m.assign(**{col: [fmt_ci(r["median"], r["ci_low"], r["ci_high"], fmt) if metric != "peak_memory" else fmt(r["median"])
+                              for r in m.to_dict("records")]})
+        out = out.merge(m[[*keys, col]].drop_duplicates(keys), on=keys, how="left")
+    out["status"] = tried.status.values
+    out["batch"] = out.batch.astype(int)
+    return out.drop(columns=[k for k in ("device", "weights") if k in out and out[k].nunique() <= 1])
 
 
 def largest_batch(df) -> dict:
+    """Per configuration: the largest batch that ran, the first that did not fit (tried or predicted), and
+    whether the limit was found (an out-of-memory) or is just the grid's largest batch."""
     d = df[(df.notebook == "02_batch_sweep") & (df.metric == "generate_latency")]
     out = {}
-    for (model, quant), g in d.groupby(["model", "quant"]):
+    keys = config_keys(d, drop=("weights_source", "tokens", "weights", "device"))
+    for k, g in d.groupby(keys, dropna=False) if len(d) else []:
         okb = g[g.status == "ok"].batch
-        out[(model, quant)] = {"largest_ok": int(okb.max()) if len(okb) else None,
-                               "first_oom": int(g[g.status.str.startswith("oom")].batch.min())
-                               if g.status.str.startswith("oom").any() else None,
-                               "tried": int(g.batch.max())}
+        oom = g[g.status.str.startswith("oom")]
+        first = oom.loc[oom.batch.idxmin()] if len(oom) else None
+        out[k if isinstance(k, tuple) else (k,)] = {
+            "keys": keys, "largest_ok": int(okb.max()) if len(okb) else None,
+            "first_oom": int(first.batch) if first is not None else None,
+            "predicted": first is not None and "predicted" in first.status, "tried": int(g.batch.max())}
     return out
 
 
@@ -210,46 +343,101 @@ def batch_text(df) -> str:
     if not lb:
         return "No batch-sweep records."
     parts = []
-    for (model, quant), v in lb.items():
-        t = ok(df, notebook="02_batch_sweep", model=model, quant=quant, metric="tokens_per_s")
-        best = t.loc[t["median"].idxmax()] if len(t) else None
-        s = f"{model} ({quant}): largest batch that ran {v['largest_ok']} of {v['tried']} tried"
-        s += f", first out-of-memory at batch {v['first_oom']}" if v["first_oom"] else ", no out-of-memory"
-        if best is not None:
-            s += f"; best {best['median']:.3g} generated tokens/s at batch {int(best['batch'])}"
+    split = (df.metric == "decode_tokens_per_s").any()
+    for k, v in lb.items():
+        sel = ok(df, notebook="02_batch_sweep", **dict(zip(v["keys"], k)))
+        name = " ".join(map(str, k))
+        if v["first_oom"]:
+            how = "predicted from the memory model (not run: on a CPU a real out-of-memory kills the process)" \
+                if v["predicted"] else "out of memory when tried"
+            s = f"{name}: largest batch that fits {v['largest_ok']}; batch {v['first_oom']} does not ({how})"
+        else:
+            s = (f"{name}: every batch up to {v['tried']} ran; that is the grid's largest batch, not a memory limit "
+                 "(raise max_batch to find it)")
+        metric = "decode_tokens_per_s" if split else "tokens_per_s"
+        t = sel[sel.metric == metric]
+        if len(t):
+            best = t.loc[t["median"].idxmax()]
+            s += (f"; best {metric.replace('_', ' ').replace(' per s', '/s')} "
+                  f"{fmt_ci(best['median'], best.ci_low, best.ci_high)} at batch {int(best['batch'])}")
         parts.append(s + ".")
+    if not split:
+        parts.append("These runs have no timed prefill/decode split: generate tokens/s divides generated tokens by the "
+                     "whole generate time, which with few new tokens is mostly prefill.")
     return " ".join(parts)
 
 
 # --- quantization -------------------------------------------------------------------------------------
 
 def quant_table(df) -> pd.DataFrame:
+    """One row per model, engine, dtype and method of the quantization notebook, with its shapes in the row.
+    Stored bytes are what the weights occupy; streamed bytes what one decode step reads (the cost model's
+    count for the kernels that ran: a quantized layer's int8/int4 weights and scales, the LM head and any
+    layer left unquantized). Speed-ups are TPOT ratios against the unquantized run of each baseline dtype
+    present for the same model and engine."""
     d = df[df.notebook == "03_quantization"]
     if d.empty:
         return d
+    okd = d[d.status == "ok"]
+    keys = config_keys(d, drop=("quant", "weights_source", "tokens"))
     rows = []
-    for (run, model, quant), g in d.groupby(["run_id", "model", "quant"], sort=False):
-        def med(metric, exp=None):
-            r = g[(g.metric == metric) & (g.status == "ok") & ((g.experiment == exp) if exp else True)]
-            return r.iloc[0] if len(r) else None
+    for k, g in d.groupby([*keys, "quant"], sort=False, dropna=False):
+        cfg = dict(zip([*keys, "quant"], k))
+        head = {"model": cfg["model"], "engine": cfg.get("engine", ""), "dtype": cfg["dtype"], "method": cfg["quant"]}
         unsupported = g[g.status.str.startswith("unsupported")]
         if len(unsupported):
-            rows.append({"model": model, "method": quant, "status": unsupported.iloc[0]["status"]})
+            rows.append({**head, "status": unsupported.iloc[0]["status"]})
             continue
-        sp, wb, tp, tt = med("tpot_speedup_vs_none"), med("weight_bytes"), med("tpot"), med("ttft")
-        tok = med("tokens_per_s")
-        rows.append({"model": model, "method": quant, "prompt": int(tt["prompt_len"]) if tt is not None else "",
-                     "weights": fmt_gb(wb["median"]) if wb is not None else "",
-                     "TTFT": fmt_time(tt["median"]) if tt is not None else "",
-                     "TPOT": fmt_time(tp["median"]) if tp is not None else "",
-                     "decode speed-up": fmt_ci(sp["median"], sp["ci_low"], sp["ci_high"]) + " x" if sp is not None else "baseline",
-                     "tokens/s": f"{tok['median']:.3g} (batch {int(tok['batch'])})" if tok is not None else "",
-                     "mean KL (nats)": f"{med('kl_mean')['median']:.2e}" if med("kl_mean") is not None else "",
-                     "top-1 agreement": f"{med('top1_agreement')['median']:.3f}" if med("top1_agreement") is not None else "",
-                     "rel. logit error": f"{med('rel_logit_error')['median']:.3g}" if med("rel_logit_error") is not None else "",
-                     "weights from": g.weights.dropna().iloc[0] if g.weights.notna().any() else "",
-                     "status": "ok"})
+
+        def med(metric):
+            r = g[(g.metric == metric) & (g.status == "ok")]
+            return r.iloc[0] if len(r) else None
+        wb, tp, tt, tok = med("weight_bytes"), med("tpot"), med("ttft"), med("tokens_per_s")
+        row = {**head,
+               "TTFT/TPOT shape": f"batch 1, prompt {int(tt['prompt_len'])}" if tt is not None else "",
+               "stored weights": fmt_gb(wb["median"]) if wb is not None else "",
+               "streamed per decode step": fmt_gb(tp["bytes"]) if tp is not None else "",
+               "TTFT": fmt_time(tt["median"]) if tt is not None else "",
+               "TPOT": fmt_time(tp["median"]) if tp is not None else "",
+               "decode MBU": f"{tp['mbu']:.0%}" if tp is not None and is_finite(tp["mbu"]) else ""}
+        base = okd[(okd.metric == "tpot") & (okd.quant == "none") & (okd.model == cfg["model"])
+                   & ((okd.engine == cfg["engine"]) if "engine" in cfg else True)]
+        for bdt in ("bf16", "fp16", "fp32"):
+            b = base[base.dtype == bdt]
+            if tp is not None and len(b) and cfg["quant"] != "none":
+                row[f"speed-up vs {bdt}"] = fmt_ci(*ratio_of_medians(tp["samples"], pooled(b))) + " x"
+        row["tokens/s"] = f"{tok['median']:.3g} (batch {int(tok['batch'])}, {int(tok['new_tokens'])} new)" \
+            if tok is not None else ""
+        for metric, label, f in (("kl_mean", "mean KL (nats)", "{:.2e}"), ("top1_agreement", "top-1 agreement", "{:.3f}"),
+                                 ("rel_logit_error", "rel. logit error", "{:.3g}")):
+            r = med(metric)
+            row[label] = f.format(r["median"]) if r is not None else ""
+        row["fidelity on"] = f"{cfg.get('weights', '')} weights" if cfg["quant"] != "none" else ""
+        row["status"] = "ok"
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def quant_text(df) -> str:
+    q = quant_table(df)
+    if q.empty:
+        return "No quantization records."
+    text = ("Speed and fidelity come from the same run, on the same inputs; a speed-up is the unquantized median "
+            "TPOT over the method's (bootstrap 95% CI), against every baseline dtype that ran. *Stored* bytes are "
+            "what the weights occupy; *streamed* bytes what one decode step reads, which is what decode time "
+            "follows: a method can store more than it streams (for instance when a tied embedding is kept for "
+            "the lookup beside a quantized LM head). Decode MBU is the streamed bytes per second over the "
+            "measured read bandwidth: the kernel's own efficiency.")
+    d = df[df.notebook == "03_quantization"]
+    if not (d.dtype.isin(["bf16", "fp16"])).any():
+        text += (" No 16-bit baseline ran on this device, so speed-ups are against fp32 only; the seed reasons "
+                 "from 16-bit, where int8 weights halve the bytes (fp32: a quarter).")
+    if set(d.weights.dropna()) == {"synthetic"}:
+        text += (" **The fidelity columns come from synthetic weights and do not predict real-model quality.** "
+                 "Random weights have no outlier channels (which make real weights hard to quantize), and their "
+                 "logits are nearly flat, so a small error flips the top-1 token often: a low top-1 agreement here "
+                 "is expected and is not an alarm.")
+    return text
 
 
 def kernels_used(df) -> list[str]:
