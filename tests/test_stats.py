@@ -34,3 +34,61 @@ def test_ratio_of_medians_with_ci():
     r, lo, hi = stats.ratio_of_medians(a, b)
     assert r == np.median(b) / np.median(a)
     assert lo < 2.6 < hi and hi - lo < 0.2
+
+
+# --- repeats of correlated samples: the block bootstrap -----------------------------------------
+
+def _repeats(rng, trials, repeats, steps, between=1.0, within=0.5):
+    """trials x repeats x steps: a per-repeat offset (shared by its steps) plus step noise; median 0."""
+    return rng.normal(0, between, (trials, repeats, 1)) + rng.normal(0, within, (trials, repeats, steps))
+
+
+def test_block_bootstrap_is_wider_than_the_naive_one_on_correlated_repeats():
+    x = _repeats(np.random.default_rng(4), 1, 5, 16)[0]
+    naive = np.subtract(*stats.bootstrap_ci(x.ravel())[::-1])
+    block = np.subtract(*stats.bootstrap_ci(list(x))[::-1])
+    assert block > 2 * naive
+    s = stats.summarize(list(x))
+    assert s["ci_method"] == "block bootstrap over 5 repeats" and s["n"] == 80
+    assert s["median"] == np.median(x) and (s["ci_low"], s["ci_high"]) == stats.bootstrap_ci(list(x))
+    assert stats.summarize(x.ravel())["ci_method"] == "bootstrap"
+
+
+def test_block_bootstrap_covers_the_true_median_at_the_stated_rate():
+    # 400 simulated measurements of 20 repeats x 10 correlated steps; the true median is 0.
+    rng = np.random.default_rng(7)
+    data = _repeats(rng, 400, 20, 10)
+    block = naive = 0
+    for i, x in enumerate(data):
+        lo, hi = stats.block_bootstrap_ci(list(x), n_resamples=1000, seed=i)
+        block += lo <= 0 <= hi
+        lo, hi = stats.block_bootstrap_ci([[v] for v in x.ravel()], n_resamples=1000, seed=i)  # = iid bootstrap
+        naive += lo <= 0 <= hi
+    assert 0.90 <= block / len(data) <= 0.99, block / len(data)
+    assert naive / len(data) < 0.75, naive / len(data)  # steps resampled one by one: far too narrow
+
+
+def test_blocks_survive_a_record_and_one_repeat_has_no_ci():
+    from llmbench.records import record
+    x = [[1.0, 1.1, 1.2], [2.0, 2.1], [1.5, 1.4, 1.6, 1.5]]
+    r = record(samples=x, metric="tpot", unit="s")
+    assert r["samples"] == [v for b in x for v in b] and r["sample_blocks"] == [3, 2, 4]
+    assert stats.regroup(r["samples"], r["sample_blocks"]) == x
+    assert stats.regroup(r["samples"], None) == r["samples"]
+    assert r["ci_method"] == "block bootstrap over 3 repeats" and r["ci_low"] < r["median"] < r["ci_high"]
+    one = record(samples=[[1.0, 1.1, 1.2]], metric="tpot", unit="s")
+    assert np.isnan(one["ci_low"]) and one["ci_method"].startswith("none")
+    flat = record(samples=[1.0, 1.2, 1.1], metric="ttft", unit="s")
+    assert flat["sample_blocks"] is None and flat["ci_method"] == "bootstrap"
+
+
+def test_ratio_of_blocked_medians_is_wider_and_flat_ratio_unchanged():
+    rng = np.random.default_rng(8)
+    a, b = _repeats(rng, 1, 6, 12)[0] + 10, 2.6 * (_repeats(rng, 1, 6, 12)[0] + 10)
+    r, lo, hi = stats.ratio_of_medians(list(a), list(b))
+    r0, lo0, hi0 = stats.ratio_of_medians(a.ravel(), b.ravel())
+    assert r == r0 == np.median(b) / np.median(a)
+    assert lo < 2.6 < hi and hi - lo > 1.5 * (hi0 - lo0)
+    # a flat side counts as one-sample repeats: mixing shapes works and stays between the two
+    rm, lom, him = stats.ratio_of_medians(a.ravel(), list(b))
+    assert rm == r and hi0 - lo0 < him - lom < hi - lo

@@ -62,7 +62,7 @@ def cmd_detect(args) -> int:
 
 def cmd_run(args) -> int:
     from .runner import run_grid
-    return run_grid(args.grid, force=args.force, dry_run=args.dry_run, runs_root=args.runs)
+    return run_grid(args.grid, force=args.force, dry_run=args.dry_run, runs_root=args.runs, strict=args.strict)
 
 
 def cmd_status(args) -> int:
@@ -119,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "run":
             s.add_argument("--force", action="store_true", help="redo finished points (old runs are kept aside)")
             s.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
+            s.add_argument("--strict", action="store_true", help="refuse to start while other processes keep the machine busy")
         s.set_defaults(fn=fn)
     s = sub.add_parser("run-point", help="run one grid point (used by the runner and by schedulers)")
     s.add_argument("notebook")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import paths
-from .stats import summarize
+from .stats import block_lengths, flatten, summarize
 
 # Column -> meaning. Units are in the metric name (…_s, …_bytes, …_per_s) and repeated in `unit`.
 COLUMNS = {
@@ -21,11 +21,20 @@ COLUMNS = {
     "model": "model name (data/models)", "weights": "synthetic or real", "weights_source": "path, hub id or 'synthetic'",
     "tokens": "where input ids came from: synthetic-ids or corpus:<file>",
     "device": "npu | cuda | cpu", "device_name": "device model", "dtype": "activation/weight dtype",
-    "quant": "none | w8a16 | w8a8 | w4a16", "batch": "sequences per step", "prompt_len": "prompt tokens",
+    "quant": "none | w8a16 | w8a8 | w4a16", "engine": "eager | compiled | llamacpp (engine.py)", "batch": "sequences per step", "prompt_len": "prompt tokens",
     "context_len": "tokens in the KV cache before the timed step", "new_tokens": "generated tokens",
     "metric": "what was measured", "unit": "unit of the statistics", "status": "ok | oom | unsupported: why | error: why",
     "n": "samples", "median": "", "mean": "", "std": "", "p90": "", "p99": "",
     "ci_low": "bootstrap 95% CI of the median", "ci_high": "", "samples": "raw samples",
+    "ci_method": "how the CI was resampled: bootstrap (independent samples) | block bootstrap over N repeats "
+                 "(whole repeats, samples within one are correlated) | none: why",
+    "sample_blocks": "lengths of the repeats `samples` is cut into (None: independent samples); stats.regroup",
+    "quiet": "the timed window saw no other load (noise.LIMITS); None: not watched or unreadable",
+    "attempts": "times the measurement ran: disturbed windows are redone (noise.measure)",
+    "disturbance": "why each redone or kept-disturbed attempt was judged disturbed; None when the first was quiet",
+    "other_cores": "CPU cores used by other processes during the kept window, averaged over it",
+    "steal_share": "share of CPU time stolen by the hypervisor during the kept window",
+    "cpu_mhz": "lowest core clock at the end of the kept window, MHz (None: not exposed)",
     "flops": "useful FLOPs of one measured unit (cost model)", "bytes": "bytes moved by one unit (cost model)",
     "bound_s": "lower-bound time against the measured ceilings", "mbu": "bytes/s over measured bandwidth",
     "mfu": "FLOP/s over measured peak", "bound_spec_s": "lower bound against the published spec",
@@ -40,8 +49,9 @@ def record(samples=None, **fields) -> dict:
         raise ValueError(f"unknown record fields: {sorted(unknown)}")
     row = dict.fromkeys(COLUMNS)
     row.update(status="ok")
-    if samples is not None:
-        row.update(summarize(samples), samples=[float(s) for s in samples])
+    if samples is not None:  # a list of lists: one inner list per repeat (see stats)
+        row.update(summarize(samples), samples=[float(s) for s in flatten(samples)],
+                   sample_blocks=block_lengths(samples))
     row.update(fields)
     return row
 

@@ -3,7 +3,10 @@
     data/runs/<grid>/<run_id>/{<notebook>.ipynb, records.parquet, run.json, log.txt}
 
 A point runs in data/runs/<grid>/.tmp/<attempt>/<run_id>/ and is renamed into place only when its
-run.json is written, so a reader (status, report, the next runner) never sees half a run. A run
+run.json is written, so a reader (status, report, the next runner) never sees half a run.
+00_device runs once per host, into <run_id>-<host>/, before every other point: the others read their
+ceilings from it (ceilings.find_device_run). `--executor ray` runs the same points on a cluster
+(run_ray.py) into the same folders. A run
 already there is moved to .superseded/ rather than overwritten. Completed runs are skipped on re-run;
 failed and timed-out ones are recorded (status, error, log tail) and retried on the next run.
 """
@@ -11,6 +14,7 @@ import ctypes
 import fcntl
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -20,18 +24,34 @@ from pathlib import Path
 
 from . import paths
 from .errors import UserError
-from .grid import load_grid
+from .grid import load_grid, safe_slug
 from .records import git_commit, package_versions, read_json, write_json
 
 KERNEL = os.environ.get("LLMBENCH_KERNEL", "llmbench")
 LOG_TAIL_LINES = 40
+EXECUTORS = ("local", "ray")
+DEVICE_NOTEBOOK = "00_device"  # measures the ceilings that the other notebooks' records are put against
 
 
 def grid_dir(grid: dict, runs_root=None) -> Path:
     return Path(runs_root or paths.RUNS) / grid["name"]
 
 
+def is_device(point: dict) -> bool:
+    return point["notebook"] == DEVICE_NOTEBOOK
+
+
+def device_point(point: dict, host: str) -> dict:
+    """A 00_device point on one host: its own run folder there, since ceilings are per device."""
+    return {**point, "run_id": f"{point['run_id']}-{safe_slug(host, 40)}", "host": host}
+
+
 def point_status(gdir: Path, point: dict) -> dict:
+    """The point's run.json, or status pending. A grid's 00_device point has one run per host: its
+    status is the first of them that is not ok, else ok; pending when it ran nowhere yet."""
+    if is_device(point) and "host" not in point:
+        runs = [read_json(rj) for rj in sorted(gdir.glob(f"{point['run_id']}-*/run.json"))]
+        return next((r for r in runs if r.get("status") != "ok"), runs[0] if runs else {"status": "pending"})
     rj = gdir / point["run_id"] / "run.json"
     return read_json(rj) if rj.is_file() else {"status": "pending"}
 
@@ -71,16 +91,19 @@ def run_point(notebook: str, params: dict, gdir: Path, run_id: str, grid_name: s
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    from .device import describe, pick_device
+    from .noise import machine_check
     tmp = Path(tmp or gdir / ".tmp" / f"{os.getpid()}-{time.time_ns()}" / run_id)
     tmp.mkdir(parents=True, exist_ok=True)
     info = {"run_id": run_id, "grid": grid_name, "notebook": notebook, "parameters": params,
             "git_commit": git_commit(), "versions": package_versions(), "kernel": KERNEL,
-            "start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
+            "start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running",
+            # Replaced by the kernel's own description (device.json). Not described here: on cuda/npu
+            # that opens a device context in this parent, which holds device memory all run long.
+            "device": {"device": params.get("device", "auto"), "host": platform.node()}}
     t0 = time.time()
     log = tmp / "log.txt"
     try:
-        info["device"] = describe(pick_device(params.get("device", "auto")))
+        info["machine_check"] = machine_check(sample_s=0.5)  # who else was busy as this point began
         write_json(info, tmp / "run.json")
         with open(log, "w") as out:
             papermill.execute_notebook(
@@ -94,6 +117,8 @@ def run_point(notebook: str, params: dict, gdir: Path, run_id: str, grid_name: s
     except Exception as e:  # a dead kernel, a cell timeout, a missing kernel: recorded, never raised
         kind = "timeout" if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower() else "failed"
         info.update(status=kind, error=f"{type(e).__name__}: {str(e).strip()[:2000]}")
+    if (tmp / "device.json").is_file():
+        info["device"] = read_json(tmp / "device.json")
     info.update(end=time.strftime("%Y-%m-%dT%H:%M:%S%z"), duration_s=round(time.time() - t0, 3),
                 log_tail=_tail(log))
     write_json(info, tmp / "run.json")
@@ -154,9 +179,24 @@ def _lock(gdir: Path):
     return f
 
 
-def run_grid(path, force: bool = False, dry_run: bool = False, runs_root=None) -> int:
+def check_machine(strict: bool = False) -> dict:
+    """Print a one-line look at the machine; with strict, refuse to start when others keep it busy."""
+    from .noise import machine_check
+    check = machine_check()
+    print(check["line"], flush=True)
+    if strict and check["busy"]:
+        raise UserError(f"--strict: the machine is busy (others use {check['other_cores']:.2f} cores: "
+                        f"{', '.join(check['busy_processes']) or 'many short processes'}); wait, or run without --strict")
+    return check
+
+
+def run_grid(path, force: bool = False, dry_run: bool = False, runs_root=None, strict: bool = False,
+             executor: str = "local", address: str | None = None) -> int:
     """Run every pending point; 0 when all points of the grid end ok, 1 otherwise."""
-    from tqdm import tqdm
+    from .errors import check_choice
+    check_choice("executor", executor, EXECUTORS)
+    if address and executor != "ray":
+        raise UserError(f"--address {address!r} applies only to --executor ray")
     grid = load_grid(path)
     gdir = grid_dir(grid, runs_root)
     if dry_run:
@@ -164,21 +204,50 @@ def run_grid(path, force: bool = False, dry_run: bool = False, runs_root=None) -
             print(f"{p['run_id']:<70} {point_status(gdir, p)['status']:<8} {json.dumps(p['params'])}")
         print(f"{len(grid['points'])} points")
         return 0
-    check_kernel()
+    check_machine(strict)
+    if executor == "local":
+        check_kernel()  # on ray, each worker's run-point checks its own
     lock = _lock(gdir)
     shutil.rmtree(gdir / ".tmp", ignore_errors=True)  # attempts of a runner that was killed
-    todo = [p for p in grid["points"] if force or point_status(gdir, p)["status"] != "ok"]
-    print(f"grid {grid['name']}: {len(grid['points'])} points, {len(grid['points']) - len(todo)} already done, "
-          f"running {len(todo)} -> {gdir}", flush=True)
-    with tqdm(total=len(todo), unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+    if executor == "ray":
+        from .run_ray import run_on_ray
+        run_on_ray(grid, gdir, force, address)
+    else:
+        run_local(grid, gdir, force)
+    lock.close()
+    return print_status(grid, gdir)
+
+
+def ordered_todo(grid: dict, gdir: Path, host: str, force: bool) -> tuple[list, list]:
+    """(device points of this host, other points) still to run. The others depend on the first: they
+    read this host's ceilings from its 00_device run, so the device points run, and end, first."""
+    devices = [device_point(p, host) for p in grid["points"] if is_device(p)]
+    rest = [p for p in grid["points"] if not is_device(p)]
+    pending = lambda pts: [p for p in pts if force or point_status(gdir, p)["status"] != "ok"]  # noqa: E731
+    return pending(devices), pending(rest)
+
+
+def progress(total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+
+def report_line(bar, info: dict, run_id: str, where: str = "") -> None:
+    err = f"  {info.get('error')}" if info["status"] != "ok" else ""
+    bar.write(f"{info['status']:<8} {info.get('duration_s', 0) or 0:7.1f} s  {run_id}{where}{err}")
+
+
+def run_local(grid: dict, gdir: Path, force: bool) -> None:
+    devices, rest = ordered_todo(grid, gdir, platform.node(), force)
+    todo = devices + rest
+    print(f"grid {grid['name']}: {len(grid['points'])} points, {len(grid['points']) - len(todo)} already "
+          f"done, running {len(todo)} -> {gdir}", flush=True)
+    with progress(len(todo)) as bar:
         for p in todo:
             bar.set_description(p["run_id"][:40])
             info = _run_one(p, grid, gdir)
             bar.update(1)
-            err = f"  {info.get('error')}" if info["status"] != "ok" else ""
-            tqdm.write(f"{info['status']:<8} {info.get('duration_s', 0):7.1f} s  {p['run_id']}{err}")
-    lock.close()
-    return print_status(grid, gdir)
+            report_line(bar, info, p["run_id"])
 
 
 def print_status(grid: dict, gdir: Path) -> int:
@@ -197,4 +266,8 @@ def status(path, runs_root=None) -> int:
         info = point_status(gdir, p)
         extra = f"  {info.get('error')}" if info["status"] not in ("ok", "pending") else ""
         print(f"{info['status']:<8} {info.get('duration_s', 0) or 0:8.1f} s  {p['run_id']}{extra}")
+    if gdir.is_dir():  # anomalies in the finished runs: the report's checks (they do not change the exit code)
+        from .anomalies import status_lines
+        for line in status_lines(gdir):
+            print(line)
     return print_status(grid, gdir)

@@ -1,12 +1,89 @@
-"""Summaries of repeated measurements: median and spread, with a bootstrap 95% CI of the median."""
+"""Summaries of repeated measurements: median and spread, with a bootstrap 95% CI of the median.
+
+Samples come in two shapes, and the CI respects which:
+  a flat list  [t1, t2, ...]          independent draws (the repeats of one TTFT): the plain
+                                      percentile bootstrap resamples single samples ("bootstrap");
+  a list of lists [[s11, s12, ...], ...]  one inner list per repeat (the decode steps of one repeat
+                                      share a cache, a clock state, a neighbour's load: correlated):
+                                      the block bootstrap resamples whole repeats ("block bootstrap").
+Resampling correlated steps one by one would treat 3 x 8 steps as 24 independent draws and give an
+interval far too narrow. A record keeps the flat `samples` and the repeat lengths `sample_blocks`, so
+`regroup` gives back the blocks and a ratio between two records resamples the same way.
+With few repeats the block interval is about the spread of the repeat medians (3 repeats allow only
+10 distinct resamples): it is honest about the between-repeat spread, not a calibrated 95%.
+"""
 import numpy as np
 from scipy import stats as sps
 
 N_RESAMPLES = 2000
 
 
+def is_blocked(samples) -> bool:
+    """True for a list of lists (one inner list per repeat)."""
+    return samples is not None and len(samples) > 0 and all(np.ndim(s) == 1 for s in samples)
+
+
+def flatten(samples) -> np.ndarray:
+    if is_blocked(samples):
+        return np.concatenate([np.asarray(s, dtype=float) for s in samples])
+    return np.asarray(samples, dtype=float)
+
+
+def block_lengths(samples) -> list[int] | None:
+    """Lengths of the repeats of blocked samples, None for a flat list (the record's `sample_blocks`)."""
+    return [len(s) for s in samples] if is_blocked(samples) else None
+
+
+def regroup(samples, blocks) -> list:
+    """A record's flat `samples` cut back into its repeats by `sample_blocks` (flat when blocks is None)."""
+    x = [float(v) for v in samples]
+    if blocks is None or np.ndim(blocks) == 0 or len(blocks) == 0:  # None, or NaN from a parquet column
+        return x
+    ends = np.cumsum([int(b) for b in blocks])
+    if ends[-1] != len(x):
+        raise ValueError(f"sample_blocks {list(blocks)} do not add up to {len(x)} samples")
+    return [x[e - int(b):e] for e, b in zip(ends, blocks)]
+
+
+def ci_method(samples) -> str:
+    """How summarize() computes the CI of these samples: what a record's `ci_method` says."""
+    if is_blocked(samples):
+        r = sum(1 for s in samples if len(s))
+        return f"block bootstrap over {r} repeats" if r >= 2 else "none: one repeat of correlated samples"
+    return "bootstrap" if np.size(samples) >= 2 else "none: one sample"
+
+
+def _blocks_array(blocks) -> np.ndarray:
+    """[repeats, longest] with NaN padding (equal repeats need none)."""
+    blocks = [np.asarray(b, dtype=float) for b in blocks if len(b)]
+    out = np.full((len(blocks), max(len(b) for b in blocks)), np.nan)
+    for i, b in enumerate(blocks):
+        out[i, :len(b)] = b
+    return out
+
+
+def _resampled_medians(blocks, n: int, rng) -> np.ndarray:
+    """Median of each of n resamples that draw len(blocks) whole repeats with replacement."""
+    arr = _blocks_array(blocks)
+    pick = arr[rng.integers(0, len(arr), (n, len(arr)))].reshape(n, -1)
+    return np.nanmedian(pick, axis=1) if np.isnan(arr).any() else np.median(pick, axis=1)
+
+
+def block_bootstrap_ci(blocks, level: float = 0.95, n_resamples: int = N_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of the pooled median, resampling whole repeats. NaN with fewer than two repeats."""
+    blocks = [b for b in blocks if len(b)]
+    if len(blocks) < 2:
+        return float("nan"), float("nan")
+    med = _resampled_medians(blocks, n_resamples, np.random.default_rng(seed))
+    lo, hi = np.quantile(med, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def bootstrap_ci(samples, statistic=np.median, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI (scipy). NaN for fewer than two samples: one draw has no spread."""
+    """Percentile bootstrap CI (scipy). NaN for fewer than two samples: one draw has no spread.
+    Blocked samples (a list of lists) get the block bootstrap of the median."""
+    if is_blocked(samples):
+        return block_bootstrap_ci(samples, level)
     x = np.asarray(samples, dtype=float)
     if x.size < 2:
         return float("nan"), float("nan")
@@ -18,23 +95,36 @@ def bootstrap_ci(samples, statistic=np.median, level: float = 0.95) -> tuple[flo
 
 
 def summarize(samples) -> dict:
-    x = np.asarray(samples, dtype=float)
+    x = flatten(samples)
+    method = ci_method(samples) if x.size else "none: no samples"
     if x.size == 0:
         nan = float("nan")
-        return dict(n=0, median=nan, mean=nan, std=nan, p90=nan, p99=nan, ci_low=nan, ci_high=nan)
-    lo, hi = bootstrap_ci(x)
+        return dict(n=0, median=nan, mean=nan, std=nan, p90=nan, p99=nan, ci_low=nan, ci_high=nan, ci_method=method)
+    lo, hi = bootstrap_ci(samples)
     return dict(n=int(x.size), median=float(np.median(x)), mean=float(x.mean()),
                 std=float(x.std(ddof=1)) if x.size > 1 else 0.0,
-                p90=float(np.percentile(x, 90)), p99=float(np.percentile(x, 99)), ci_low=lo, ci_high=hi)
+                p90=float(np.percentile(x, 90)), p99=float(np.percentile(x, 99)), ci_low=lo, ci_high=hi,
+                ci_method=method)
 
 
 def ratio_of_medians(a, b, level: float = 0.95) -> tuple[float, float, float]:
-    """median(b) / median(a) with a bootstrap CI over both independent samples."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    ratio = float(np.median(b) / np.median(a))
-    if a.size < 2 or b.size < 2:
+    """median(b) / median(a) with a bootstrap CI over both independent samples.
+
+    Each side resamples by its own rule: whole repeats for a list of lists, single samples for a flat
+    list (a flat list is a list of one-sample repeats, so mixing the two shapes is consistent)."""
+    ratio = float(np.median(flatten(b)) / np.median(flatten(a)))
+    if not (is_blocked(a) or is_blocked(b)):
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        if a.size < 2 or b.size < 2:
+            return ratio, float("nan"), float("nan")
+        res = sps.bootstrap((a, b), lambda x, y, axis=-1: np.median(y, axis=axis) / np.median(x, axis=axis),
+                            confidence_level=level, n_resamples=N_RESAMPLES, method="percentile",
+                            paired=False, vectorized=True, rng=np.random.default_rng(0))
+        return ratio, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    units = [[s for s in x if len(s)] if is_blocked(x) else [[v] for v in np.asarray(x, dtype=float)] for x in (a, b)]
+    if min(len(u) for u in units) < 2:
         return ratio, float("nan"), float("nan")
-    res = sps.bootstrap((a, b), lambda x, y, axis=-1: np.median(y, axis=axis) / np.median(x, axis=axis),
-                        confidence_level=level, n_resamples=N_RESAMPLES, method="percentile",
-                        paired=False, vectorized=True, rng=np.random.default_rng(0))
-    return ratio, float(res.confidence_interval.low), float(res.confidence_interval.high)
+    rng = np.random.default_rng(0)
+    ma, mb = (_resampled_medians(u, N_RESAMPLES, rng) for u in units)
+    lo, hi = np.quantile(mb / ma, [(1 - level) / 2, (1 + level) / 2])
+    return ratio, float(lo), float(hi)
