@@ -76,7 +76,8 @@ def below_bound(df) -> list[dict]:
     d = _ok(df)
     if "bound_s" not in d or "unit" not in d:
         return []
-    d = d[(d.unit == "s") & d.bound_s.notna() & (d.bound_s > 0) & (d["median"] < BOUND_SLACK * d.bound_s)]
+    b = pd.to_numeric(d.bound_s, errors="coerce")
+    d = d[(d.unit == "s") & (b > 0) & (d["median"] < BOUND_SLACK * b)]
     return [_row("faster than its lower bound", r,
                  f"median {r['median'] * 1e3:.3g} ms < lower bound {r['bound_s'] * 1e3:.3g} ms: the cost model or "
                  "the measured ceiling is wrong for this record") for r in d.to_dict("records")]

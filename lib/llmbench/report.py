@@ -26,8 +26,8 @@ def load(results_dir) -> tuple[pd.DataFrame, list[dict]]:
     by_id = {r["run_id"]: r["notebook"] for r in runs}
     df["notebook"] = df["run_id"].map(by_id)
     if "engine" not in df:  # records from before the engine axis: all ran HF transformers eagerly
-        df["engine"] = "eager"
-    df["engine"] = df["engine"].fillna("eager")
+        df["engine"] = None
+    df.loc[df.engine.isna() & df.model.notna(), "engine"] = "eager"
     return df, runs
 
 
@@ -127,8 +127,45 @@ def provenance_text(df, runs, results_dir) -> str:
     return (f"{len(runs)} finished runs from `{results_dir}`, {fmt_time(total)} of run time, on "
             f"**{d.get('device_name')}** ({d.get('device')}, {d.get('cpu_threads')} CPU threads, "
             f"{d.get('host_memory_bytes', 0) / 2**30:.0f} GiB host memory), torch {d.get('torch')}, "
-            f"transformers {d.get('transformers')}. Code: commit {', '.join(c[:12] + ('+dirty' if 'dirty' in c else '') for c in commits)}. "
+            f"transformers {d.get('transformers')}. Engines: {', '.join(sorted(df.engine.dropna().unique())) or 'none'}"
+            + (f"; {device_fields(runs)}" if device_fields(runs) else "") + ". "
+            + (noise_text(df) + " " if noise_text(df) else "")
+            + f"Code: commit {', '.join(c[:12] + ('+dirty' if 'dirty' in c else '') for c in commits)}. "
             + synth)
+
+
+NOISE_COLUMNS = ("quiet", "attempts", "disturbance", "ci_method")
+
+
+def noise_text(df) -> str:
+    """Counts from the noise columns, where the runs have them."""
+    parts = []
+    if "quiet" in df and df.quiet.notna().any():
+        q = df.quiet.dropna().astype(bool)
+        parts.append(f"{(~q).sum()} of {len(q)} records measured in a window that was not quiet")
+    if "attempts" in df and df.attempts.notna().any():
+        a = df.attempts.dropna()
+        parts.append(f"{(a > 1).sum()} records needed more than one attempt (at most {int(a.max())})")
+    if "disturbance" in df and df.disturbance.notna().any():
+        d = df.disturbance.dropna().astype(str).str.strip()
+        d = d[~d.str.lower().isin(["", "none", "0", "0.0", "false"])]
+        parts.append(f"{len(d)} records carry a disturbance note")
+    if "ci_method" in df and df.ci_method.notna().any():
+        parts.append("CI methods: " + ", ".join(f"{m} ({n})" for m, n in df.ci_method.value_counts().items()))
+    return ("Measurement noise: " + "; ".join(parts) + ".") if parts else ""
+
+
+DEVICE_FIELDS = ("task_queue", "cann", "compile_backend", "backend")
+
+
+def device_fields(runs) -> str:
+    """Dispatch and compiler settings the runs recorded (e.g. TASK_QUEUE_ENABLE, CANN version, compile backend)."""
+    seen = {}
+    for r in runs:
+        for k, v in (r.get("device") or {}).items():
+            if v not in (None, "") and any(f in k.lower() for f in DEVICE_FIELDS):
+                seen.setdefault(k, set()).add(str(v))
+    return "; ".join(f"{k} = {', '.join(sorted(v))}" for k, v in sorted(seen.items()))
 
 
 # --- latency ------------------------------------------------------------------------------------------
@@ -536,40 +573,45 @@ def is_finite(x) -> bool:
 
 # --- summary and limitations --------------------------------------------------------------------------
 
-def summary_text(df, runs, checks) -> str:
+def summary_text(df, runs, checks, anomalies=None) -> str:
     if df.empty:
         return "No finished runs: nothing was measured. Run a grid (see the README), then rebuild this report."
     d = runs[0].get("device", {}) if runs else {}
     out = [f"- Measured on **{d.get('device_name')}** ({device_kind(df)}), with {weights_used(df)} weights."]
     p, t = pair(df), ratio_table(df)
-    for m in (p or ()):
-        tp, tt = latency_rows(df, "tpot"), latency_rows(df, "ttft")
-        tp, tt = tp[tp.model == m], tt[tt.model == m]
-        if len(tp):
-            r = tp.loc[tp.context_len.idxmin()]
-            first = ""
-            if len(tt):
-                f = tt.loc[tt.prompt_len.idxmax()]
-                first = f"; first token after {fmt_time(f['median'])} for a {int(f.prompt_len)}-token prompt"
-            out.append(f"- {m}: {fmt_time(r['median'])} per output token at batch 1 ({r['dtype']}, context "
-                       f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{first}.")
+    tp_all, tt_all = latency_rows(df, "tpot"), latency_rows(df, "ttft")
+    for (m, engine, dtype), tp in tp_all.groupby(["model", "engine", "dtype"]) if len(tp_all) else []:
+        r = tp.loc[tp.context_len.idxmin()]
+        tt = tt_all[(tt_all.model == m) & (tt_all.engine == engine) & (tt_all.dtype == dtype)]
+        first = ""
+        if len(tt):
+            f = tt.loc[tt.prompt_len.idxmax()]
+            first = f"; first token after {fmt_time(f['median'])} for a {int(f.prompt_len)}-token prompt"
+        out.append(f"- {m} ({engine}, {dtype}): {fmt_time(r['median'])} per output token at batch 1 (context "
+                   f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{first}.")
     if p and len(t[t.metric == "TPOT"]):
-        r = t[t.metric == "TPOT"].iloc[0]
-        out.append(f"- 3B/1B decode latency ratio: {fmt_ci(r.ratio, r.ci_low, r.ci_high)}.")
-    for (model, quant), v in largest_batch(df).items():
-        tok = ok(df, notebook="02_batch_sweep", model=model, quant=quant, metric="tokens_per_s")
-        if len(tok):
-            out.append(f"- {model} ({quant}): up to {tok['median'].max():.3g} generated tokens/s; largest batch that ran: "
-                       f"{v['largest_ok']}" + (f", out of memory from batch {v['first_oom']}." if v["first_oom"] else
-                                               " (no out-of-memory)."))
+        for k, g in t[t.metric == "TPOT"].groupby(["engine", "dtype"]):
+            r = g.loc[g.tokens.idxmin()]
+            out.append(f"- {p[1]}/{p[0]} decode latency ratio ({' '.join(k)}): {fmt_ci(r.ratio, r.ci_low, r.ci_high)} "
+                       f"(weight bytes: {weight_ratio(*p):.2f}).")
+    for k, v in largest_batch(df).items():
+        name = " ".join(map(str, k))
+        out.append(f"- {name}: " + (f"largest batch that fits {v['largest_ok']} (batch {v['first_oom']} does not"
+                                     + (", predicted)." if v["predicted"] else ", tried).")
+                                     if v["first_oom"] else f"every batch up to the grid's {v['tried']} ran."))
     sp = ok(df, metric="tpot_speedup_vs_none")
     for _, r in sp.loc[sp.groupby("model")["median"].idxmax()].iterrows() if len(sp) else []:
-        out.append(f"- Fastest quantization for {r.model}: {r.quant}, decode {fmt_ci(r['median'], r.ci_low, r.ci_high)}x "
-                   f"faster than {r['dtype']}.")
+        out.append(f"- Fastest quantization for {r.model}: {r.quant}, decode at {fmt_ci(r['median'], r.ci_low, r.ci_high)}x "
+                   f"the speed of unquantized {r['dtype']}.")
     counts = {}
     for c in checks:
-        counts[c["verdict"]] = counts.get(c["verdict"], 0) + 1
+        v = c["verdict"].split(":")[0]
+        counts[v] = counts.get(v, 0) + 1
     out.append("- Seed claims: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".")
+    if anomalies is not None and len(anomalies):
+        out.append(f"- {len(anomalies)} anomalies flagged in the records ("
+                   + ", ".join(f"{n} {c}" for c, n in anomalies.check.value_counts().items())
+                   + "): see *Anomalies* before trusting the numbers they name.")
     return "\n".join(out)
 
 
@@ -586,10 +628,15 @@ def limitations_text(df) -> str:
     dtypes = sorted(set(df.dtype.dropna()))
     if dtypes:
         items.append(f"Precision measured: {', '.join(dtypes)}. "
-                     + ("On this CPU, bf16 and fp16 have no fast kernel, so 16-bit figures are derived, not measured. "
-                        if kind == "cpu" else ""))
-    items.append("Inference is Hugging Face transformers in eager mode with a dynamic KV cache: no static cache, "
-                 "graph capture or fused kernels, so the gap to the lower bounds is partly software.")
+                     + ("No 16-bit run here: 16-bit figures (the seed's precision) are derived, not measured. "
+                        if not set(dtypes) & {"bf16", "fp16"} else ""))
+    engines = sorted(df.engine.dropna().unique()) if "engine" in df else []
+    if engines == ["eager"]:
+        items.append("Inference is Hugging Face transformers in eager mode with a dynamic KV cache: no static cache, "
+                     "graph capture or fused kernels, so the gap to the lower bounds is partly software.")
+    else:
+        items.append(f"Engines measured: {', '.join(engines)}. Eager numbers include Python dispatch; compiled ones "
+                     "pay a compile time once per shape (see *Engines*).")
     if kind == "cpu":
         items.append("CPU peak memory is the process's peak resident set (it includes Python and the libraries), "
                      "reset before each measurement. The CPU `w8a8` path (fbgemm) quantizes activations per tensor "

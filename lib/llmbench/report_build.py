@@ -1,5 +1,6 @@
 """Build the report: papermill runs notebooks/99_report.ipynb over a results folder, then nbconvert
 renders it to one self-contained HTML file with the code hidden and nothing loaded from the network."""
+import os
 from pathlib import Path
 
 from . import paths
@@ -16,6 +17,7 @@ def to_html(notebook_path: Path, html_path: Path) -> None:
                             exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nbformat.read(notebook_path, as_version=4))
     atomic_write(html_path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+    os.chmod(html_path, 0o644)  # mkstemp made it 0600: a web server running as another user must read it
 
 
 def build(results_dir, figures_dir="figures", html_path="report/index.html") -> Path:

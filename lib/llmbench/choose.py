@@ -1,0 +1,155 @@
+"""What to choose: which measured configurations meet given latency targets on this device, and what
+that choice costs in throughput and memory; and how much KV cache the Ascend memory classes hold.
+
+Targets come from data/published.yaml (MLPerf's interactive and conversational limits, the seed's own
+figures), each with its source. Everything else is read from the records.
+"""
+import numpy as np
+import pandas as pd
+
+from . import costmodel as cm
+from . import report as R
+from .models import load_config
+
+CONTEXTS = (2048, 8192, 32768, 131072)  # tokens per sequence for the memory table (131072: the models' maximum)
+
+
+def _batch1(df, metric):
+    d = R.ok(df, metric=metric, batch=1)
+    return d[d.notebook.isin(["01_latency", "03_quantization"])] if "notebook" in d else d
+
+
+def candidates(df) -> pd.DataFrame:
+    """One row per configuration (model, engine, dtype, quant, ...): batch-1 TTFT at its longest measured
+    prompt, TPOT at its shortest context, and from the batch sweep the decode rate per batch."""
+    keys = R.config_keys(df, drop=("weights_source", "tokens"))
+    tt, tp = _batch1(df, "ttft"), _batch1(df, "tpot")
+    rows = []
+    for k, g in tp.groupby(keys, dropna=False) if len(tp) else []:
+        cfg = dict(zip(keys, k))
+        r = g.loc[g.context_len.idxmin()]
+        t = tt
+        for key, v in cfg.items():
+            t = t[t[key] == v] if key in t else t
+        f = t.loc[t.prompt_len.idxmax()] if len(t) else None
+        rows.append({**cfg, "tpot_s": r["median"], "tpot_hi": r.ci_high, "context": int(r.context_len),
+                     "ttft_s": f["median"] if f is not None else np.nan,
+                     "ttft_hi": f.ci_high if f is not None else np.nan,
+                     "prompt": int(f.prompt_len) if f is not None else None})
+    return pd.DataFrame(rows)
+
+
+def _best_batch(df, cfg: dict, tpot_limit: float):
+    """Largest swept batch whose per-step time (batch / decode tokens/s) meets the TPOT limit, with its
+    decode tokens/s and peak memory. Without a timed decode split, batch 1 only (its TPOT is measured)."""
+    d = R.ok(df, notebook="02_batch_sweep")
+    for key, v in cfg.items():
+        if key in d:
+            d = d[d[key] == v]
+    dec = d[d.metric == "decode_tokens_per_s"]
+    if dec.empty:
+        return None
+    dec = dec.assign(step=dec.batch / dec["median"])
+    fit = dec[dec.step <= tpot_limit]
+    if fit.empty:
+        return None
+    r = fit.loc[fit.batch.idxmax()]
+    mem = d[(d.metric == "peak_memory") & (d.batch == r.batch)]
+    return {"batch": int(r.batch), "decode_tps": r["median"], "step_s": r.step,
+            "peak": mem["median"].max() if len(mem) else np.nan}
+
+
+def choose(df, targets: list[dict]) -> pd.DataFrame:
+    """Per target and configuration: meets TTFT? meets TPOT? and, if both, the throughput and memory."""
+    c = candidates(df)
+    if c.empty:
+        return c
+    peak = R.ok(df, metric="peak_memory", batch=1)
+    rows = []
+    for t in targets:
+        for r in c.to_dict("records"):
+            cfg = {k: r[k] for k in R.config_keys(c)}
+            meets_tpot = r["tpot_s"] <= t["tpot_s"]
+            meets_ttft = t.get("ttft_s") is None or (np.isfinite(r["ttft_s"]) and r["ttft_s"] <= t["ttft_s"])
+            row = {"target": t["name"],
+                   "limits": f"TTFT ≤ {R.fmt_time(t['ttft_s'])}, " if t.get("ttft_s") else "",
+                   **{k: cfg[k] for k in ("model", "engine", "dtype", "quant") if k in cfg},
+                   f"TTFT": f"{R.fmt_time(r['ttft_s'])} ({r['prompt']} tok)" if r["prompt"] else "not measured",
+                   "TPOT (batch 1)": R.fmt_time(r["tpot_s"]),
+                   "meets": "yes" if meets_tpot and meets_ttft else "no"}
+            row["limits"] += f"TPOT ≤ {R.fmt_time(t['tpot_s'])}"
+            if meets_tpot and meets_ttft:
+                b = _best_batch(df, cfg, t["tpot_s"])
+                pm = peak
+                for key, v in cfg.items():
+                    pm = pm[pm[key] == v] if key in pm else pm
+                if b:
+                    row.update({"largest batch within TPOT": b["batch"], "decode tokens/s": f"{b['decode_tps']:.3g}",
+                                "peak memory": R.fmt_gb(b["peak"])})
+                else:
+                    row.update({"largest batch within TPOT": "1 (no timed batch sweep)",
+                                "decode tokens/s": f"{1 / r['tpot_s']:.3g}",
+                                "peak memory": R.fmt_gb(pm["median"].max()) if len(pm) else ""})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def choose_text(df, targets: list[dict]) -> str:
+    t = choose(df, targets)
+    if t.empty:
+        return "No batch-1 latency records: nothing to choose from."
+    out = []
+    for name, g in t.groupby("target", sort=False):
+        yes = g[g.meets == "yes"]
+        if yes.empty:
+            out.append(f"- **{name}** ({g.limits.iat[0]}): no configuration measured here meets it.")
+            continue
+        def tps(x):
+            try:
+                return float(x)
+            except (TypeError, ValueError):
+                return 0.0
+        best = yes.loc[yes["decode tokens/s"].map(tps).idxmax()]
+        who = " ".join(str(best[k]) for k in ("model", "engine", "dtype", "quant") if k in best)
+        large = [m for m in yes.model.unique() if R.role(m, R.pair(df)) == "large"]
+        out.append(f"- **{name}** ({g.limits.iat[0]}): {len(yes)} of {len(g)} configurations meet it; highest "
+                   f"decode throughput: {who} at batch {best['largest batch within TPOT']}, {best['decode tokens/s']} "
+                   f"tokens/s, peak memory {best['peak memory']}."
+                   + (f" The larger model ({', '.join(large)}) meets it too." if large else
+                      " The larger model does not meet it here."))
+    return "\n".join(out)
+
+
+def memory_classes(models, classes_gb) -> pd.DataFrame:
+    """How many tokens of KV cache fit next to the weights in each memory class (16-bit KV)."""
+    rows = []
+    for m in models:
+        cfg = load_config(m)
+        kv = cm.kv_cache_bytes(cfg, 1, 1, "bf16")
+        for prec, nbytes in (("16-bit", 2), ("int8 weights", 1)):
+            wb = cm.dense_weight_bytes(cfg, nbytes)
+            row = {"model": m, "weights": prec, "weight bytes": R.fmt_gb(wb), "KV per token (16-bit)": f"{kv / 1e3:.1f} kB"}
+            for gb in classes_gb:
+                free = gb * 1e9 - wb
+                tokens = free / kv if free > 0 else 0
+                row[f"{gb} GB: KV tokens"] = f"{tokens / 1e3:.0f}k" if tokens else "weights do not fit"
+                row[f"{gb} GB: sequences at {CONTEXTS[1] // 1024}k"] = int(tokens // CONTEXTS[1])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def memory_text(classes_gb) -> str:
+    return (f"Memory classes of Ascend cards ({', '.join(f'{g} GB' for g in classes_gb)}): tokens of 16-bit KV cache "
+            "that fit beside the weights (the rest of the card's memory; activations and the runtime's reserve "
+            "come out of it too), and how many sequences of 8k tokens that is. KV per token = 2 (K and V) x "
+            "layers x KV heads x head dim x 2 bytes, from the exact configs.")
+
+
+def choose_matrix(df, targets: list[dict]) -> pd.DataFrame:
+    """One row per configuration, one column per target: meets it (yes/no)."""
+    t = choose(df, targets)
+    if t.empty:
+        return t
+    idx = [c for c in ("model", "engine", "dtype", "quant", "TTFT", "TPOT (batch 1)") if c in t]
+    m = t.pivot_table(index=idx, columns="target", values="meets", aggfunc="first", sort=False)
+    return m.reset_index()[[*idx, *[x["name"] for x in targets]]]

@@ -1,0 +1,124 @@
+"""The report's engine section: the same models run eagerly and compiled (and through llama.cpp), side by
+side, so a reader sees what plain transformers gives and what the device can do with the model.
+
+Records carry `engine` (eager | compiled | llamacpp). Compile time is experiment "load", metric
+"compile_time" (s); recompilations during timed steps are metric "recompiles" (or named in a note).
+"""
+import numpy as np
+import pandas as pd
+
+from . import report as R
+from .stats import ratio_of_medians
+
+LAUNCH_MBU = 0.30  # eager decode on an accelerator below this share of bandwidth: host/launch-bound
+
+
+def engines(df) -> list[str]:
+    return sorted(df.engine.dropna().unique()) if "engine" in df else []
+
+
+def _sel(d, cfg: dict):
+    for k, v in cfg.items():
+        if k in d:
+            d = d[d[k] == v]
+    return d
+
+
+def engine_table(df) -> pd.DataFrame:
+    """Per model, dtype, quant and engine: batch-1 TPOT and its MBU, TTFT, decode tokens/s per batch,
+    compile time and recompilations."""
+    keys = [k for k in ("model", "dtype", "quant", "engine", "device") if k in df]
+    tp = R.ok(df, metric="tpot", batch=1)
+    if tp.empty:
+        return pd.DataFrame()
+    rows = []
+    for k, g in tp.groupby(keys, dropna=False):
+        cfg = dict(zip(keys, k))
+        r = g.loc[g.context_len.idxmin()]
+        row = {**{c: cfg[c] for c in keys if c != "device"},
+               "TPOT": R.fmt_ci(r["median"], r.ci_low, r.ci_high, R.fmt_time) + f" (context {int(r.context_len)})",
+               "decode MBU": f"{r.mbu:.0%}" if R.is_finite(r.mbu) else ""}
+        tt = _sel(R.ok(df, metric="ttft", batch=1), cfg)
+        if len(tt):
+            f = tt.loc[tt.prompt_len.idxmax()]
+            row["TTFT"] = R.fmt_ci(f["median"], f.ci_low, f.ci_high, R.fmt_time) + f" ({int(f.prompt_len)} tok)"
+        sweep = _sel(R.ok(df, notebook="02_batch_sweep"), cfg) if "notebook" in df else df.iloc[0:0]
+        metric = "decode_tokens_per_s" if (sweep.metric == "decode_tokens_per_s").any() else "tokens_per_s"
+        per_b = sweep[sweep.metric == metric].sort_values("batch")
+        if len(per_b):
+            row[f"{metric.replace('_per_s', '/s').replace('_', ' ')} by batch"] = ", ".join(
+                f"{int(b)}: {m:.3g}" for b, m in zip(per_b.batch, per_b["median"]))
+        ct = _sel(R.ok(df, metric="compile_time"), cfg)
+        row["compile time"] = R.fmt_time(ct["median"].sum()) if len(ct) else ("none" if cfg.get("engine") == "eager" else "")
+        rc = _sel(df[df.metric == "recompiles"], cfg) if "metric" in df else df.iloc[0:0]
+        notes = _sel(df[df.note.fillna("").str.contains("recompil")], cfg) if "note" in df else df.iloc[0:0]
+        row["recompiles in timed steps"] = int(rc["median"].fillna(0).sum()) if len(rc) else \
+            (f"{len(notes)} noted" if len(notes) else "")
+        if cfg.get("engine") == "eager" and cfg.get("device") in ("npu", "cuda") and R.is_finite(r.mbu) \
+                and r.mbu < LAUNCH_MBU:
+            row["note"] = f"launch-bound: decode reaches {r.mbu:.0%} of bandwidth (< {LAUNCH_MBU:.0%}); host dispatch dominates"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ratio_by_engine(df) -> pd.DataFrame:
+    """The 3B/1B decode ratio per engine with its CI, next to the weight-bytes ratio."""
+    t = R.ratio_table(df)
+    p = R.pair(df)
+    if t.empty or not p:
+        return pd.DataFrame()
+    t = t[t.metric == "TPOT"]
+    rows = []
+    for k, g in t.groupby([c for c in ("engine", "dtype", "quant") if c in t], dropna=False):
+        r = g.loc[g.tokens.idxmin()]
+        rows.append({**dict(zip([c for c in ("engine", "dtype", "quant") if c in t], k)), "context": int(r.tokens),
+                     f"{p[1]}/{p[0]} TPOT": R.fmt_ci(r.ratio, r.ci_low, r.ci_high),
+                     "weight-bytes ratio": f"{R.weight_ratio(*p):.2f}", "bytes-per-step ratio": f"{r['work ratio']:.2f}"})
+    return pd.DataFrame(rows)
+
+
+def overhead(df) -> pd.DataFrame:
+    """eager/compiled batch-1 TPOT per model and dtype (same context): the share of eager's time that is
+    overhead the compiled engine removes."""
+    tp = R.ok(df, metric="tpot", batch=1, quant="none")
+    if "engine" not in tp or not {"eager", "compiled"} <= set(tp.engine):
+        return pd.DataFrame()
+    rows = []
+    for (model, dtype), g in tp.groupby(["model", "dtype"]):
+        e, c = g[g.engine == "eager"], g[g.engine == "compiled"]
+        common = sorted(set(e.context_len) & set(c.context_len))
+        if not common:
+            continue
+        e, c = e[e.context_len == common[0]], c[c.context_len == common[0]]
+        r, lo, hi = ratio_of_medians(R.pooled(c), R.pooled(e))
+        rows.append({"model": model, "dtype": dtype, "context": int(common[0]),
+                     "eager TPOT": R.fmt_time(np.median(R.pooled(e))), "compiled TPOT": R.fmt_time(np.median(R.pooled(c))),
+                     "eager/compiled": r, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
+def overhead_text(df) -> str:
+    o = overhead(df)
+    if o.empty:
+        have = ", ".join(engines(df)) or "none"
+        return (f"Engines in these runs: {have}. The eager-overhead comparison needs batch-1 decode records of "
+                "both the eager and the compiled engine for the same model and dtype.")
+    parts = []
+    for r in o.to_dict("records"):
+        share = 1 - 1 / r["eager/compiled"]
+        what = (f"about {share:.0%} of eager's time per token is overhead the compiled engine removes"
+                if r["ci_low"] > 1 else "the compiled engine is not faster beyond the CI" if r["ci_low"] <= 1 <= r["ci_high"]
+                else "the compiled engine is slower")
+        parts.append(f"{r['model']} {r['dtype']}: eager TPOT is {R.fmt_ci(r['eager/compiled'], r['ci_low'], r['ci_high'])} "
+                     f"times compiled ({r['eager TPOT']} vs {r['compiled TPOT']} at context {r['context']}): {what}.")
+    return " ".join(parts)
+
+
+def compile_text(df) -> str:
+    ct = R.ok(df, metric="compile_time")
+    if ct.empty:
+        return "No compile-time records (no compiled engine ran)."
+    keys = [k for k in ("model", "dtype", "quant", "engine") if k in ct]
+    g = ct.groupby(keys)["median"].sum()
+    return ("Compile (or graph capture) time, paid once per shape and never part of warm-up or timing: "
+            + "; ".join(f"{' '.join(map(str, k))}: {R.fmt_time(v)}" for k, v in g.items()) + ".")
