@@ -150,11 +150,12 @@ def test_another_process_busy_on_the_gpu_disturbs_the_window(monkeypatch):
     state = {"util": [sample(me, 90), sample(4242, 60)]}
 
     class NVMLError(Exception):
-        pass
+        def __init__(self, value):
+            self.value = value
 
     def util(h, since):
-        if state["util"] is None:
-            raise NVMLError("not supported")
+        if isinstance(state["util"], int):
+            raise NVMLError(state["util"])
         return state["util"]
     fake = types.SimpleNamespace(
         NVMLError=NVMLError, nvmlInit=lambda: None, nvmlShutdown=lambda: None,
@@ -168,7 +169,10 @@ def test_another_process_busy_on_the_gpu_disturbs_the_window(monkeypatch):
     state["util"] = [sample(me, 90), sample(4242, 0)]
     _, w = noise.watch(lambda: None, "cuda")
     assert not any("cuda" in y for y in w.why)  # present but idle
-    state["util"] = None  # no per-process utilization: presence alone is suspect
+    state["util"] = 6  # NVML_ERROR_NOT_FOUND: no sample in the window, nobody kept the GPU busy
+    _, w = noise.watch(lambda: None, "cuda")
+    assert w.device_util_pct == 0 and not any("cuda" in y for y in w.why)
+    state["util"] = 3  # NVML_ERROR_NOT_SUPPORTED: presence alone is suspect
     _, w = noise.watch(lambda: None, "cuda")
     assert any("other processes on the cuda: pid 4242" in y for y in w.why)
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: unknown, said so

@@ -325,3 +325,9 @@ def verdict_counts(checks) -> dict:
         v = c["verdict"].split(":")[0]
         counts[v] = counts.get(v, 0) + 1
     return counts
+
+
+# The vocabulary claim is checked beside the tokenizer measurements (lib/llmbench/workload.py).
+from .workload import vocabulary_claim  # noqa: E402
+
+CHECKS["vocabulary_claim"] = vocabulary_claim

@@ -114,8 +114,8 @@ def _nvml_others(since_us: int) -> tuple[list[str], float | None]:
         try:
             samples = pynvml.nvmlDeviceGetProcessUtilization(h, since_us)
             util = max((s.smUtil for s in samples if s.pid != me), default=0.0)
-        except pynvml.NVMLError:  # not supported on this GPU, or no sample in the window
-            util = None
+        except pynvml.NVMLError as e:  # no sample since then: nobody kept it busy; else not supported here
+            util = 0.0 if getattr(e, "value", None) in (0, getattr(pynvml, "NVML_ERROR_NOT_FOUND", 6)) else None
         return others, util
     finally:
         pynvml.nvmlShutdown()
