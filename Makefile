@@ -13,8 +13,9 @@ PIP_EXTRA ?=
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): requirements.lock requirements-cuda.txt pyproject.toml | $(BIN)/python
+$(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements.lock
+	$(BIN)/python -m pip install -q $(PIP_EXTRA) --no-deps -r requirements-data.txt
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements-cuda.txt; fi
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" >/dev/null

@@ -151,16 +151,25 @@ def pretrained_model(name: str, weights: str, dtype: str, device: str):
     return model.to(torch_device(device)).eval()
 
 
-def load_tokenizer(weights: str):
-    """The tokenizer shipped next to real weights, or None (synthetic weights have none)."""
-    if weights == "synthetic":
+def load_tokenizer(weights: str, tokens: str = "corpus"):
+    """The tokenizer that turns the Chinese corpus into input ids, or None for seeded random ids.
+
+    tokens="random": None. tokens="corpus": the tokenizer shipped next to real weights; else (synthetic
+    weights, or real ones without a tokenizer) Llama 3's, the one Llama 3.2 uses, from the installed
+    llama-models package (tokenizers.py). workload.make_batch records which one in `tokens`."""
+    from .workload import TOKENS
+    check_choice("tokens", tokens, TOKENS)
+    if tokens == "random":
         return None
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(check_weights_path(weights), trust_remote_code=False,
-                                             local_files_only=True)
-    except (OSError, ValueError):
-        return None
+    if weights != "synthetic":
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(check_weights_path(weights), trust_remote_code=False,
+                                                 local_files_only=True)
+        except (OSError, ValueError):
+            pass  # no tokenizer files next to these weights: Llama 3's, named in the records
+    from .tokenizers import load
+    return load("llama3")
 
 
 def load_model(name: str, weights: str = "synthetic", dtype: str = "fp32", device: str = "cpu", seed: int = 0):
