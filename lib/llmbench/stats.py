@@ -36,7 +36,7 @@ def block_lengths(samples) -> list[int] | None:
 
 def regroup(samples, blocks) -> list:
     """A record's flat `samples` cut back into its repeats by `sample_blocks` (flat when blocks is None)."""
-    x = [float(v) for v in samples]
+    x = [] if samples is None or np.ndim(samples) == 0 else [float(v) for v in samples]  # None/NaN: no samples
     if blocks is None or np.ndim(blocks) == 0 or len(blocks) == 0:  # None, or NaN from a parquet column
         return x
     ends = np.cumsum([int(b) for b in blocks])
