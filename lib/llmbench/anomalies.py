@@ -65,10 +65,12 @@ def ttft_not_increasing(df) -> list[dict]:
             hi_b = b["ci_high"] if np.isfinite(b["ci_high"]) else b["median"]
             lo_a = a["ci_low"] if np.isfinite(a["ci_low"]) else a["median"]
             if hi_b < lo_a:
+                d_a = _disturbance(a)  # the shorter prompt is usually the disturbed one
                 out.append(_row("TTFT falls with prompt length", b,
                                 f"{b['median'] * 1e3:.3g} ms at {int(b['prompt_len'])} tokens < "
                                 f"{a['median'] * 1e3:.3g} ms at {int(a['prompt_len'])} tokens, beyond both CIs: "
-                                "the shorter prompt's timing was disturbed (or its first shape compiled)"))
+                                "the shorter prompt's timing was disturbed (or its first shape compiled)"
+                                + (f"; at {int(a['prompt_len'])} tokens: {d_a}" if d_a else "")))
     return out
 
 

@@ -1,0 +1,227 @@
+"""The report's judgements on small synthetic record frames: anomalies, verdicts, the TPOT fit, the
+engine axis, What to choose, figures' alt text. No notebook runs here: each test takes well under a second."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmbench import anomalies as A
+from llmbench import choose as CH
+from llmbench import claims as C
+from llmbench import costmodel as cm
+from llmbench import decode_fit
+from llmbench import engines_report as E
+from llmbench import figures as F
+from llmbench import report as R
+from llmbench.models import load_config
+
+S, L = "llama-3.2-1b", "llama-3.2-3b"
+BW = 200e9  # bytes/s of the planted machine
+FIXED = 0.017  # s per step
+
+
+def rec(metric, median, model=S, spread=0.01, n=9, **kw):
+    rng = np.random.default_rng(abs(hash((metric, model, str(sorted(kw.items()))))) % 2**32)
+    samples = list(median * (1 + spread * rng.standard_normal(n)))
+    row = {"run_id": f"run-{model}-{kw.get('engine', 'eager')}", "experiment": kw.pop("experiment", "decode"),
+           "model": model, "weights": "synthetic", "weights_source": "synthetic", "tokens": "synthetic-ids",
+           "device": "cpu", "device_name": "test cpu", "dtype": "fp32", "quant": "none", "engine": "eager",
+           "batch": 1, "prompt_len": np.nan, "context_len": np.nan, "new_tokens": np.nan, "metric": metric,
+           "unit": "s", "status": "ok", "n": n, "median": float(np.median(samples)), "ci_low": min(samples),
+           "ci_high": max(samples), "samples": samples, "flops": np.nan, "bytes": np.nan, "bound_s": np.nan,
+           "mbu": np.nan, "mfu": np.nan, "note": "", "notebook": "01_latency"}
+    row.update(kw)
+    return row
+
+
+def tpot(model, engine="eager", context=128, fixed=FIXED, bw=BW, dtype="fp32"):
+    cfg = load_config(model)
+    nbytes = cm.decode_bytes(cfg, cm.dense_weight_bytes(cfg, 4), 1, context, dtype)
+    t = fixed + nbytes / bw
+    return rec("tpot", t, model, engine=engine, context_len=context, prompt_len=context, bytes=nbytes,
+               flops=cm.decode_flops(cfg, 1, context), bound_s=nbytes / 60e9, mbu=nbytes / t / 60e9)
+
+
+def ttft(model, prompt, t, engine="eager", spread=0.01):
+    return rec("ttft", t, model, engine=engine, prompt_len=prompt, experiment="prefill", spread=spread)
+
+
+def frame(rows):
+    return pd.DataFrame(rows)
+
+
+def study(engines=("eager",)):
+    rows = []
+    for e in engines:
+        fixed = FIXED if e == "eager" else 0.002
+        for m in (S, L):
+            rows += [tpot(m, e, c, fixed=fixed) for c in (64, 256)]
+            rows += [ttft(m, p, 0.05 * p / 64 * (2.6 if m == L else 1)) for p in (64, 256)]
+    return frame(rows)
+
+
+# --- anomalies ---------------------------------------------------------------------------------------
+
+def test_a_planted_ttft_drop_is_flagged_and_a_clean_rise_is_not():
+    clean = frame([ttft(S, 16, 0.010), ttft(S, 128, 0.050)])
+    assert A.check_all(clean).empty
+    planted = frame([ttft(S, 16, 0.200), ttft(S, 128, 0.050)])
+    a = A.check_all(planted)
+    assert list(a.check) == ["TTFT falls with prompt length"]
+    assert "16 tokens" in a.detail.iat[0] and "128" in a["where"].iat[0]
+
+
+def test_a_record_faster_than_its_bound_a_wide_ci_and_an_impossible_ratio_are_flagged():
+    d = frame([rec("tpot", 0.010, bound_s=0.020, context_len=64), rec("tpot", 0.010, spread=0.5, context_len=128)])
+    checks = set(A.check_all(d).check)
+    assert {"faster than its lower bound", "wide confidence interval"} <= checks
+    ratios = pd.DataFrame([{"what": "TPOT 3B/1B", "ratio": 0.8, "ci_low": 0.75, "ci_high": 0.85, "low": 1.0,
+                            "high": 2.6, "why": "3B does more work"}])
+    assert "ratio outside its physical range" in set(A.check_all(d, ratios).check)
+
+
+def test_a_flagged_record_points_at_its_disturbed_window():
+    d = frame([{**ttft(S, 16, 0.2), "quiet": False, "disturbance": "another process took 90% of a core"},
+               ttft(S, 128, 0.05)])
+    detail = A.check_all(d).detail.iat[0]
+    assert "another process" in detail and "not quiet" in detail
+
+
+def test_ttft_prose_follows_the_numbers():
+    d = frame([ttft(m, p, t) for m in (S, L) for p, t in ((16, 0.2), (128, 0.05))] + [tpot(S), tpot(L)])
+    d["notebook"] = "01_latency"
+    text = R.latency_text(d)
+    assert "falls from" in text and "grows" not in text
+    rising = frame([ttft(m, p, t) for m in (S, L) for p, t in ((16, 0.01), (128, 0.05))] + [tpot(S), tpot(L)])
+    assert "rises from" in R.latency_text(rising)
+
+
+# --- the engine axis never collapses a table --------------------------------------------------------
+
+def test_ratio_table_keeps_one_row_per_engine():
+    t = R.ratio_table(study(("eager", "compiled")))
+    tp = t[t.metric == "TPOT"]
+    assert sorted(tp.engine.unique()) == ["compiled", "eager"]
+    assert len(tp) == 4  # two engines x two contexts
+    eager, compiled = (tp[tp.engine == e].ratio.iat[0] for e in ("eager", "compiled"))
+    assert compiled > eager  # a smaller fixed cost brings the ratio nearer the bytes ratio
+
+
+def test_engine_section_computes_overhead_and_ratios():
+    d = study(("eager", "compiled"))
+    d = pd.concat([d, frame([rec("compile_time", 42.0, S, engine="compiled", experiment="load", n=1, spread=0)])])
+    o = E.overhead(d)
+    assert set(o.model) == {S, L} and (o["eager/compiled"] > 1).all()
+    assert "overhead the compiled engine removes" in E.overhead_text(d)
+    assert "42 s" in E.compile_text(d)
+    assert set(E.ratio_by_engine(d).engine) == {"eager", "compiled"}
+    t = E.engine_table(d)
+    assert set(t.engine) == {"eager", "compiled"} and "compile time" in t
+
+
+def test_eager_decode_on_an_accelerator_with_low_mbu_is_called_launch_bound():
+    d = frame([{**tpot(S), "device": "npu", "mbu": 0.05}])
+    assert "launch-bound" in E.engine_table(d).note.iat[0]
+    assert "note" not in E.engine_table(frame([tpot(S)]))  # the cpu record is not judged
+
+
+# --- the TPOT fit -----------------------------------------------------------------------------------
+
+def test_the_fit_recovers_a_planted_fixed_cost_and_bandwidth():
+    f = decode_fit.fits(study())[("eager", "fp32", "cpu")]
+    assert f.fixed_s == pytest.approx(FIXED, rel=0.1)
+    assert f.bandwidth == pytest.approx(BW, rel=0.1)
+    text = R.decode_fit_text(study())
+    assert "17" in text and "GB/s" in text and "instead of the bytes ratio" in text
+
+
+def test_one_model_alone_gives_no_fit():
+    d = frame([tpot(S, context=c) for c in (64, 128, 256)])
+    assert decode_fit.fits(d) == {}
+
+
+# --- verdicts ---------------------------------------------------------------------------------------
+
+def _claim(**kw):
+    base = {"quote": "q", "gloss": "g", "rule": "r", "device": "npu"}
+    return {**base, **kw}
+
+
+def test_a_claimed_rate_above_the_devices_bound_is_contradicted_by_a_physical_bound():
+    above = _claim(check="throughput_range", range={"small": [1e6, 2e6], "large": [1e6, 2e6]},
+                   batch={"small": 32, "large": 16}, request={"prompt": 128, "new": 128}, reading="full")
+    within = {**above, "range": {"small": [1, 2], "large": [1, 2]}}
+    out = C.check_all(study(), R.projection([S, L]), claims=[above, within])
+    assert out[0]["verdict"] == C.BOUND
+    assert out[1]["verdict"].startswith("not testable: needs an Ascend NPU")
+    assert "requests/s" in out[0]["value"]
+
+
+def test_not_testable_names_the_missing_input():
+    robust = _claim(check="quant_robustness", device="any")
+    gain = _claim(check="quant_speedup", device="any", range=[2.0, 4.0])
+    d = pd.concat([study(), frame([{**tpot(S, context=64), "quant": "w8a8", "median": 0.02},
+                                   rec("kl_mean", 1e-3, S, quant="w8a8", unit="nats", experiment="fidelity")])])
+    out = C.check_all(d, R.projection([S, L]), claims=[robust, gain])
+    assert "real weights" in out[0]["verdict"]
+    assert "16-bit baseline" in out[1]["verdict"] and "vs fp32" in out[1]["value"]
+
+
+def test_quant_gain_is_judged_against_16_bit_when_it_ran():
+    gain = _claim(check="quant_speedup", device="any", range=[2.0, 4.0])
+    rows = [{**tpot(S), "dtype": "bf16", "median": 0.030, "samples": [0.030] * 5},
+            {**tpot(S), "dtype": "bf16", "quant": "w8a16", "median": 0.010, "samples": [0.010] * 5}]
+    out = C.check_all(frame(rows), R.projection([S, L]), claims=[gain])[0]
+    assert out["verdict"] == "supported" and "3" in out["why"]
+
+
+def test_ratio_claims_are_judged_per_engine():
+    claim = _claim(check="tpot_ratio", device="any", range=[2.0, 3.0])
+    out = C.check_all(study(("eager", "compiled")), R.projection([S, L]), claims=[claim])
+    assert sorted(o["engine"] for o in out) == ["compiled", "eager"]
+    by = {o["engine"]: o["verdict"] for o in out}
+    assert by["eager"] == "contradicted"  # a 17 ms fixed cost pulls the ratio below 2 (1.9)
+    assert by["compiled"] == "supported"
+
+
+def test_memory_ratio_uses_the_measured_peaks():
+    claim = _claim(check="memory_ratio", device="any", range=[2.5, 3.5])
+    rows = [rec("peak_memory", 5.0e9, S, unit="bytes", context_len=64, spread=0),
+            rec("peak_memory", 12.2e9, L, unit="bytes", context_len=64, spread=0)]
+    out = C.check_all(frame(rows), R.projection([S, L]), claims=[claim])[0]
+    assert out["verdict"] == "contradicted" and "2.44" in out["value"]
+
+
+def test_every_claim_in_the_data_has_a_rule():
+    for c in C.load_claims():
+        assert c.get("rule"), c["id"]
+        assert c["check"] in C.CHECKS
+
+
+# --- what to choose ---------------------------------------------------------------------------------
+
+def test_choose_picks_configurations_by_their_measured_latency():
+    targets = [{"name": "tight", "ttft_s": 0.5, "tpot_s": 0.050}, {"name": "loose", "ttft_s": 2.0, "tpot_s": 0.1},
+               {"name": "impossible", "ttft_s": 0.001, "tpot_s": 0.001}]
+    m = CH.choose_matrix(study(), targets)
+    small, large = m[m.model == S].iloc[0], m[m.model == L].iloc[0]
+    # planted: TPOT 1B = 17 ms + 4.9 GB / 200 GB/s = 42 ms, 3B = 81 ms; TTFT at 256 tokens 0.2 s and 0.52 s
+    assert (small["tight"], small["loose"], small["impossible"]) == ("yes", "yes", "no")
+    assert (large["tight"], large["loose"], large["impossible"]) == ("no", "yes", "no")
+    assert "no configuration measured here meets it" in CH.choose_text(study(), targets)
+
+
+def test_memory_classes_from_kv_bytes():
+    t = CH.memory_classes([S], [16, 64])
+    row = t[t.weights == "16-bit"].iloc[0]
+    kv = 32768  # bytes per token, 16-bit, 1B: 2 x 16 layers x 8 KV heads x 64 x 2
+    assert row["16 GB: KV tokens"] == f"{(16e9 - 2 * 1_235_814_400) / kv / 1e3:.0f}k"
+
+
+# --- figures ----------------------------------------------------------------------------------------
+
+def test_every_figure_has_alt_text(tmp_path):
+    d = study(("eager", "compiled"))
+    figs = [F.latency(d, tmp_path), F.engines(d, tmp_path), F.projection(R.projection([S, L]), tmp_path)]
+    for f in figs:
+        assert f is not None and len(f.alt) > 40 and f.path.is_file()
+        assert (f.path.with_suffix(".txt")).read_text().strip() == f.alt
