@@ -19,7 +19,7 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -260,7 +260,7 @@ def settle(max_s: float, own_cores: float, kind: str = "cpu", limits: Limits = L
     return time.monotonic() - t0
 
 
-def measure(fn, kind: str = "cpu", max_attempts: int = 3, backoff_s: float = 5.0, limits: Limits = LIMITS):
+def measure(fn, kind: str = "cpu", max_attempts: int = 3, backoff_s: float = 2.0, limits: Limits = LIMITS):
     """(result, Conditions): fn() run in a watched window, redone while the window is disturbed.
 
     fn must be a whole measurement (warm-up and every repeat), safe to run again. Between attempts we
@@ -339,6 +339,7 @@ def machine_check(sample_s: float = 1.0, limits: Limits = LIMITS) -> dict:
     mem = {m[1]: int(m[2]) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB", _read(Path("/proc/meminfo")) or "", re.M)}
     out["mem_available_bytes"], out["mem_total_bytes"] = mem.get("MemAvailable"), mem.get("MemTotal")
     out["load_avg"] = load_avg()
+    out["limits"] = asdict(limits)  # the thresholds every window of this run is judged against
     out["line"] = check_line(out)
     return out
 
