@@ -75,6 +75,7 @@ def test_blocks_survive_a_record_and_one_repeat_has_no_ci():
     assert r["samples"] == [v for b in x for v in b] and r["sample_blocks"] == [3, 2, 4]
     assert stats.regroup(r["samples"], r["sample_blocks"]) == x
     assert stats.regroup(r["samples"], None) == r["samples"] == stats.regroup(r["samples"], float("nan"))
+    assert stats.samples_of(r) == x and stats.samples_of({"samples": [1.0, 2.0]}) == [1.0, 2.0]
     assert stats.regroup(None, None) == [] and stats.regroup(float("nan"), float("nan")) == []  # parquet gaps
     assert r["ci_method"] == "block bootstrap over 3 repeats" and r["ci_low"] < r["median"] < r["ci_high"]
     one = record(samples=[[1.0, 1.1, 1.2]], metric="tpot", unit="s")

@@ -45,6 +45,12 @@ def regroup(samples, blocks) -> list:
     return [x[e - int(b):e] for e, b in zip(ends, blocks)]
 
 
+def samples_of(row) -> list:
+    """A record's samples as it was measured: cut into repeats when it has `sample_blocks`.
+    Pass these to ratio_of_medians so that a ratio resamples as each record's own CI did."""
+    return regroup(row["samples"], row.get("sample_blocks"))
+
+
 def ci_method(samples) -> str:
     """How summarize() computes the CI of these samples: what a record's `ci_method` says."""
     if is_blocked(samples):
