@@ -19,7 +19,7 @@ COLUMNS = {
     "run_id": "grid point that produced the row",
     "experiment": "device | load | prefill | decode | generate | batch | quant | fidelity | ceiling",
     "model": "model name (data/models)", "weights": "synthetic or real", "weights_source": "path, hub id or 'synthetic'",
-    "tokens": "where input ids came from: synthetic-ids or corpus:<file>",
+    "tokens": "where input ids came from: synthetic-ids, or corpus:<file> via <tokenizer>",
     "device": "npu | cuda | cpu", "device_name": "device model", "dtype": "activation/weight dtype",
     "quant": "none | w8a16 | w8a8 | w4a16", "engine": "eager | compiled | llamacpp (engine.py)", "batch": "sequences per step", "prompt_len": "prompt tokens",
     "context_len": "tokens in the KV cache before the timed step", "new_tokens": "generated tokens",

@@ -150,17 +150,19 @@ def per_kchars(df: pd.DataFrame, tpc: float) -> pd.DataFrame:
     ttft, tpot = d[d.metric == "ttft"], d[d.metric == "tpot"]
     rows = []
     for cfg, g in ttft.groupby(keys, dropna=False):
-        t = g.loc[g.prompt_len.idxmax()]
+        length = g.prompt_len.max()
+        t = g[g.prompt_len == length]["median"].median()  # several runs of one configuration: their median
         match = tpot
         for k, v in zip(keys, cfg):
             match = match[match[k].isna()] if pd.isna(v) else match[match[k] == v]
-        ttft_per_k = t["median"] / (t.prompt_len / tpc) * KCHARS
-        row = {**dict(zip(keys, cfg)), "prompt_len": int(t.prompt_len), "TTFT (ms)": t["median"] * 1e3,
+        ttft_per_k = t / (length / tpc) * KCHARS
+        row = {**dict(zip(keys, cfg)), "prompt_len": int(length), "TTFT (ms)": t * 1e3,
                "TTFT per 1,000 chars (ms)": ttft_per_k * 1e3}
         if len(match):
-            p = match.loc[match.context_len.idxmax()]
-            dec = p["median"] * KCHARS * tpc
-            row.update({"context_len": int(p.context_len), "TPOT (ms)": p["median"] * 1e3,
+            context = match.context_len.max()
+            p = match[match.context_len == context]["median"].median()
+            dec = p * KCHARS * tpc
+            row.update({"context_len": int(context), "TPOT (ms)": p * 1e3,
                         "decode 1,000 chars (s)": dec, "1,000 in + 1,000 out (s)": ttft_per_k + dec})
         rows.append(row)
     out = pd.DataFrame(rows)
