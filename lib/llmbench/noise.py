@@ -329,7 +329,7 @@ def machine_check(sample_s: float = 1.0, limits: Limits = LIMITS) -> dict:
         tot = (s1.busy_s - s0.busy_s) + (s1.idle_s - s0.idle_s) + (s1.steal_s - s0.steal_s)
         out["steal_share"] = round((s1.steal_s - s0.steal_s) / tot, 4) if tot else 0.0
         used = {pid: (p1[pid][1] - p0[pid][1]) * TICK_S / wall for pid in p1 if pid in p0 and pid not in fam}
-        top = sorted((c, pid) for pid, c in used.items() if c >= 0.1)[::-1][:5]
+        top = sorted((c, pid) for pid, c in used.items() if c >= 0.1)[::-1]
         out["busy_processes"] = [f"{p1[pid][0]} (pid {pid}, {c:.2f} cores)" for c, pid in top]
         out["busy"] = out["other_cores"] > limits.other_cores or out["steal_share"] > limits.steal_share
     else:
@@ -347,7 +347,8 @@ def machine_check(sample_s: float = 1.0, limits: Limits = LIMITS) -> dict:
 def check_line(c: dict) -> str:
     gib = lambda b: f"{b / 2**30:.1f}" if b else "?"
     state = {True: "BUSY", False: "quiet", None: "unknown"}[c.get("busy")]
-    procs = ", ".join(c.get("busy_processes") or []) or "none"
+    busy = c.get("busy_processes") or []
+    procs = ", ".join(busy[:5]) + (f" and {len(busy) - 5} more" if len(busy) > 5 else "") or "none"
     other = "?" if c.get("other_cores") is None else f"{c['other_cores']:.2f}"
     return (f"machine {state}: others use {other} of {c.get('ncpu')} cores (busy: {procs}); "
             f"governor {c.get('governor')}; {gib(c.get('mem_available_bytes'))} of "
