@@ -327,6 +327,12 @@ def verdict_counts(checks) -> dict:
     return counts
 
 
+# The energy claims are checked beside the energy section (lib/llmbench/report_energy.py).
+from .report_energy import CLAIM_CHECKS as _ENERGY_CHECKS  # noqa: E402
+
+CHECKS.update(_ENERGY_CHECKS)
+
+
 # The vocabulary claim is checked beside the tokenizer measurements (lib/llmbench/workload.py).
 from .workload import vocabulary_claim  # noqa: E402
 
