@@ -17,6 +17,7 @@ from .errors import UserError
 
 TOKENS = ("corpus", "random")
 KCHARS = 1000  # the report's unit of text: 1,000 characters
+HAN_DOMINANT = 0.8  # a prompt at least this share Han characters counts as running Chinese text
 
 
 def load_prompts(path=None) -> list[dict]:
@@ -236,6 +237,17 @@ def section(df: pd.DataFrame, figures_dir) -> tuple[str, pd.DataFrame, pd.DataFr
     text += (f" Per task, Llama 3 needs from {lt.tokens_per_char[lo]:.2f} tokens per character ({lo}, "
              f"{lt.han_share[lo]:.0%} Han characters) to {lt.tokens_per_char[hi]:.2f} ({hi}, "
              f"{lt.han_share[hi]:.0%} Han characters).")
+    han = [p for p in load_prompts() if sum(map(is_cjk, p["text"])) >= HAN_DOMINANT * len(p["text"])]
+    if han:
+        n_chars = sum(len(p["text"]) for p in han)
+        text += (f" On the {len(han)} prompts that are at least {HAN_DOMINANT:.0%} Han characters ({n_chars:,} "
+                 "characters): " + ", ".join(f"{n} {tokens_per_char(T.load(n), han)['all']:.3f}" for n in names)
+                 + " tokens per character.")
+    wide = [f"{r.task} ({r.ci_low:.2f}–{r.ci_high:.2f})" for r in table[table.tokenizer == "llama3"].itertuples()
+            if r.ci_high - r.ci_low > 0.2 * r.tokens_per_char]
+    text += (" The 95% CIs resample whole prompts within each task" +
+             (f"; they are widest, for Llama 3, for {', '.join(wide)}, whose prompts differ most from one another."
+              if wide else "."))
     if missing:
         text += " Not loaded: " + "; ".join(missing) + "."
     lat = per_kchars(df, tpc)
