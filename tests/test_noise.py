@@ -70,7 +70,7 @@ def _fake_windows(monkeypatch, verdicts):
 
     def watch(fn, kind, limits):
         return fn(), noise.Window(wall_s=1, ncpu=2, own_cores=1, other_cores=1, free_cores=0, steal_share=0,
-                                  why=list(next(seq)))
+                                  cpu_why=list(next(seq)))
     monkeypatch.setattr(noise, "watch", watch)
     monkeypatch.setattr(noise, "settle", lambda max_s, *a, **k: waits.append(max_s))
     return waits
@@ -87,6 +87,16 @@ def test_redo_policy_backs_off_and_keeps_a_disturbed_result_marked(monkeypatch):
     out, c = noise.measure(lambda: calls.append(1) or len(calls), max_attempts=3, backoff_s=2)
     assert out == 3 and c.attempts == 3 and c.quiet is False and waits == [2, 4]  # never dropped
     assert noise.fields(c)["disturbance"] == "attempt 1: a | attempt 2: b | attempt 3: c"
+
+
+def test_a_busy_accelerator_is_waited_out_without_probing_the_cpu(monkeypatch):
+    seq, slept = iter([["another process used the cuda at 60%"], []]), []
+    monkeypatch.setattr(noise, "watch", lambda fn, kind, limits: (fn(), noise.Window(
+        wall_s=1, ncpu=16, own_cores=1, other_cores=0, free_cores=15, steal_share=0, device_why=next(seq))))
+    monkeypatch.setattr(noise, "settle", lambda *a, **k: pytest.fail("the CPU was quiet"))
+    monkeypatch.setattr(noise.time, "sleep", slept.append)
+    _, c = noise.measure(lambda: 1, "cuda", backoff_s=3)
+    assert c.attempts == 2 and c.quiet and slept == [3] and "cuda at 60%" in c.reasons[0]
 
 
 def test_unreadable_counters_measure_once_and_say_unknown(monkeypatch):

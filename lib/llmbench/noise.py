@@ -167,7 +167,12 @@ class Window:
     device_others: list[str] | None = None
     device_util_pct: float | None = None
     device_source: str = ""
-    why: list[str] = field(default_factory=list)   # empty: quiet
+    cpu_why: list[str] = field(default_factory=list)      # why the CPU side was disturbed
+    device_why: list[str] = field(default_factory=list)   # why the accelerator side was
+
+    @property
+    def why(self) -> list[str]:
+        return self.cpu_why + self.device_why
 
     @property
     def quiet(self) -> bool:
@@ -193,10 +198,6 @@ def cpu_verdict(other_s: float, own_s: float, steal_s: float, total_s: float, wa
     return why
 
 
-def start(kind: str = "cpu") -> Snapshot | None:
-    return snapshot()
-
-
 def stop(s0: Snapshot | None, kind: str = "cpu", limits: Limits = LIMITS) -> Window | None:
     """The window from s0 to now, judged; None when the counters could not be read."""
     s1 = snapshot()
@@ -210,21 +211,21 @@ def stop(s0: Snapshot | None, kind: str = "cpu", limits: Limits = LIMITS) -> Win
     w = Window(wall_s=wall, ncpu=s1.ncpu, own_cores=own / wall, other_cores=other / wall,
                free_cores=(s1.idle_s - s0.idle_s) / wall, steal_share=steal / total if total else 0.0,
                load_avg=load_avg(), cpu_mhz=mhz, cpu_max_mhz=top)
-    w.why = cpu_verdict(other, own, steal, total, wall, s1.ncpu, limits)
+    w.cpu_why = cpu_verdict(other, own, steal, total, wall, s1.ncpu, limits)
     if kind != "cpu":
         w.device_others, w.device_util_pct, w.device_source = device_others(kind, s0.epoch_us)
         if w.device_util_pct is not None:
             if w.device_util_pct > limits.device_util_pct:
-                w.why.append(f"another process used the {kind} at {w.device_util_pct:.0f}% "
+                w.device_why.append(f"another process used the {kind} at {w.device_util_pct:.0f}% "
                              f"(limit {limits.device_util_pct:.0f}%): {', '.join(w.device_others or [])}")
         elif w.device_others:  # no per-process utilization: another process on the device is suspect
-            w.why.append(f"other processes on the {kind}: {', '.join(w.device_others)}")
+            w.device_why.append(f"other processes on the {kind}: {', '.join(w.device_others)}")
     return w
 
 
 def watch(fn, kind: str = "cpu", limits: Limits = LIMITS):
     """(fn(), Window of the call) - the window is None where the counters cannot be read."""
-    s0 = start(kind)
+    s0 = snapshot()
     out = fn()
     return out, stop(s0, kind, limits)
 
@@ -242,7 +243,7 @@ class Conditions:
         return None if self.window is None else self.window.quiet
 
 
-def settle(max_s: float, own_cores: float, kind: str = "cpu", limits: Limits = LIMITS, probe_s: float = 0.5) -> float:
+def settle(max_s: float, own_cores: float, limits: Limits = LIMITS, probe_s: float = 0.5) -> float:
     """Back off: wait until a probe of probe_s would leave the measurement its cores, at most max_s.
     Returns the seconds waited. The probe uses the cores the disturbed measurement itself used."""
     t0 = time.monotonic()
@@ -273,8 +274,12 @@ def measure(fn, kind: str = "cpu", max_attempts: int = 3, backoff_s: float = 2.0
         if w is None or w.quiet:
             break
         reasons.append(f"attempt {attempt}: " + "; ".join(w.why))
-        if attempt < max_attempts:
-            settle(backoff_s * 2 ** (attempt - 1), w.own_cores, kind, limits)
+        if attempt < max_attempts:  # wait for the CPU to calm down; a busy accelerator: wait it out
+            wait = backoff_s * 2 ** (attempt - 1)
+            if w.cpu_why:
+                settle(wait, w.own_cores, limits)
+            else:
+                time.sleep(wait)
     return out, Conditions(window=w, attempts=attempt, reasons=reasons)
 
 
