@@ -29,8 +29,9 @@ def fake_nvml(energy_mj=None, power_mw=None):
     m.calls = []
     m.nvmlInit = lambda: m.calls.append("init")
     m.nvmlShutdown = lambda: m.calls.append("shutdown")
+    m.nvmlDeviceGetCount = lambda: 4
     m.nvmlDeviceGetHandleByIndex = lambda i: ("handle", i)
-    m.nvmlDeviceGetHandleByUUID = lambda u: ("handle", u)
+    m.nvmlDeviceGetUUID = lambda h: f"GPU-{h[1]}a{h[1]}b-0000".encode()
 
     def counter(h):
         if energy_mj is None:
@@ -77,6 +78,21 @@ def test_nvml_with_no_reading_at_all_is_unsupported_and_runs_nothing(monkeypatch
     r, calls = energy.measure("cuda", lambda: ran.append(1), min_seconds=0.1, **NOSYNC)
     assert r.status.startswith("unsupported: no readable energy counter (NVML has neither")
     assert calls == 0 and not ran
+
+
+def test_nvml_handle_is_the_gpu_torch_calls_cuda_0(monkeypatch):
+    nvml = fake_nvml(energy_mj=lambda t: 0)
+    for visible, want in ((None, 0), ("2,3", 2), ("GPU-3a3b", 3), ("GPU-1", 1)):
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert energy._nvml_handle(nvml) == ("handle", want)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-abc")
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    r, _ = energy.measure("cuda", lambda: None, min_seconds=0.1, **NOSYNC)
+    assert r.status.startswith("unsupported: no readable energy counter (CUDA_VISIBLE_DEVICES selects a MIG")
+    assert nvml.calls == ["init", "shutdown"]
 
 
 def test_missing_nvidia_ml_py_is_unsupported(monkeypatch):

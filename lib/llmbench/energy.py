@@ -68,16 +68,19 @@ class EnergyReading:
 # --- the meters ---------------------------------------------------------------------------------------
 
 def _nvml_handle(nvml):
-    """The NVML handle of the GPU torch calls cuda:0 (CUDA_VISIBLE_DEVICES renumbers GPUs; NVML does not)."""
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{torch.cuda.get_device_properties(0).uuid}")
-    except (ImportError, AttributeError, RuntimeError):
-        pass
+    """The NVML handle of the GPU torch calls cuda:0: the first of CUDA_VISIBLE_DEVICES, an index or a
+    (prefix of a) UUID, as torch.cuda maps it for its own NVML queries; NVML itself ignores that variable."""
     first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
-    return nvml.nvmlDeviceGetHandleByUUID(first) if first.startswith(("GPU-", "MIG-")) \
-        else nvml.nvmlDeviceGetHandleByIndex(int(first))
+    if first.isdigit():
+        return nvml.nvmlDeviceGetHandleByIndex(int(first))
+    if first.startswith("MIG-"):
+        raise Unreadable(f"CUDA_VISIBLE_DEVICES selects a MIG instance ({first}): NVML meters whole GPUs")
+    for i in range(nvml.nvmlDeviceGetCount()):
+        h = nvml.nvmlDeviceGetHandleByIndex(i)
+        uuid = nvml.nvmlDeviceGetUUID(h)
+        if (uuid.decode() if isinstance(uuid, bytes) else uuid).startswith(first):
+            return h
+    raise Unreadable(f"no GPU with a UUID starting {first!r} (CUDA_VISIBLE_DEVICES)")
 
 
 def nvml_source(interval_s: float) -> Source:
@@ -87,9 +90,16 @@ def nvml_source(interval_s: float) -> Source:
         raise Unreadable("nvidia-ml-py is not installed (pip install -r requirements-cuda.txt)") from None
     try:
         pynvml.nvmlInit()
-        h = _nvml_handle(pynvml)
-    except Exception as e:
+    except Exception as e:  # pynvml.NVMLError_LibraryNotFound and the like: no driver here
         raise Unreadable(f"NVML did not start: {e}") from None
+    try:
+        h = _nvml_handle(pynvml)
+    except Unreadable:
+        pynvml.nvmlShutdown()
+        raise
+    except pynvml.NVMLError as e:
+        pynvml.nvmlShutdown()
+        raise Unreadable(f"NVML has no handle for the GPU: {e}") from None
     try:
         pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
         return Source("NVML total energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ)",
