@@ -248,3 +248,19 @@ def test_vocabulary_claim_can_go_either_way():
     wide = W.vocabulary_claim({**claim, "range": [0.01, 100]}, {})
     empty = W.vocabulary_claim({**claim, "range": [100, 200]}, {})
     assert (wide["verdict"], empty["verdict"]) == ("supported", "contradicted") and empty["why"]
+
+
+def test_loading_reads_only_the_shipped_file(monkeypatch):
+    """No network and no tiktoken cache: fetching or caching helpers and sockets all fail here."""
+    import socket
+
+    import tiktoken.load
+
+    def refuse(*a, **k):
+        raise AssertionError("tokenizer loading tried to fetch or cache a file")
+    for name in ("read_file", "read_file_cached", "load_tiktoken_bpe"):
+        monkeypatch.setattr(tiktoken.load, name, refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    for name in T.NAMES:
+        tok = T.load.__wrapped__(name)  # bypass the per-process cache: really load
+        assert tok.decode(tok.encode("推理速度")) == "推理速度"
