@@ -11,13 +11,13 @@ import sys
 import gc
 import time
 
-from llmbench import quant
+from llmbench import engine, quant
 from llmbench.device import pick_device
 from llmbench.errors import UserError
-from llmbench.fidelity import all_logits, compare_logits
+from llmbench.fidelity import compare_logits
 from llmbench.measure import time_decode, time_prefill
-from llmbench.models import load_config, load_model
-from llmbench.stats import ratio_of_medians
+from llmbench.models import load_config
+from llmbench.stats import flatten, ratio_of_medians
 from llmbench.workload import make_batch
 
 
@@ -27,6 +27,7 @@ def main():
     ap.add_argument("--weights", default="synthetic")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--engine", default="eager", help="eager or compiled (engine.py)")
     ap.add_argument("--methods", nargs="+", default=["w8a8"], help="also: w8a16 w4a16 (slow on CPUs without AVX-512)")
     ap.add_argument("--context", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
@@ -37,19 +38,20 @@ def main():
     ids, _ = make_batch(1, args.context, cfg, 0)
     fid_ids, _ = make_batch(2, 32, cfg, 1)
     results, ref = {}, None
+    seq = max(args.context + 2 + args.steps, args.prefill) + 1
     for method in ["none", *args.methods]:
         t0 = time.perf_counter()
-        model, _ = load_model(args.model, args.weights, args.dtype, kind)
         try:
-            quant.quantize(model, method, kind, args.dtype)
-        except quant.Unsupported as e:
-            print(f"{method:>6}: unsupported: {e}")
+            e = engine.load(engine.LoadRequest(engine=args.engine, model=args.model, weights=args.weights,
+                                               dtype=args.dtype, quant=method, kind=kind, max_seq=seq, tokens="random"))
+        except quant.Unsupported as why:
+            print(f"{method:>6}: unsupported: {why}")
             continue
-        wb = quant.weight_bytes(model)
-        logits = all_logits(model, fid_ids)
+        wb = e.weight_bytes
+        logits = engine.logits(e, fid_ids)
         ref = logits if method == "none" else ref
-        tpot = time_decode(model, ids, kind, steps=args.steps, warmup=2)
-        ttft = time_prefill(model, make_batch(1, args.prefill, cfg, 0)[0], kind, 1, 3) if args.prefill else None
+        tpot = flatten(time_decode(e, ids, kind, steps=args.steps, warmup=2)[0])
+        ttft = time_prefill(e, make_batch(1, args.prefill, cfg, 0)[0], kind, 1, 3)[0] if args.prefill else None
         results[method] = tpot
         fid = compare_logits(ref, logits)
         line = (f"{method:>6}: TPOT median {sorted(tpot)[len(tpot) // 2] * 1e3:8.1f} ms | weights {wb / 1e9:5.2f} GB"
@@ -61,7 +63,7 @@ def main():
             r, lo, hi = ratio_of_medians(tpot, results["none"])
             line += f"\n{'':>8}decode speed-up over none: {r:.2f}x (95% CI {lo:.2f}-{hi:.2f})"
         print(line, flush=True)
-        del model, logits
+        del e, logits
         gc.collect()
 
 

@@ -7,34 +7,39 @@ from llmbench import batch_sweep, latency, session
 
 def _ctx(tmp_path, **params):
     p = {"model": "tiny-1b", "weights": "synthetic", "dtype": "fp32", "quant": "none", "kind": "cpu", "seed": 0,
+         "tokens": "random",
          "out_dir": str(tmp_path / "run"), **params}
     return session.start("02_batch_sweep", p)
 
 
 def test_predicted_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
     ctx = _ctx(tmp_path)
-    model, info = session.load(ctx)
+    e = session.load(ctx, max_batch=8, max_seq=32)
     # a budget that fits batches 1-2 of tiny-1b (weights + KV + transients) but not 4 and 8
-    need = {b: batch_sweep.cm.footprint_bytes(info["cfg"], 0, b, 16 + 4, "fp32") for b in (2, 4)}
-    limit_gb = (info["weight_bytes"] + (need[2] + need[4]) / 2) / 1e9
-    batch_sweep.run(ctx, model, info, 8, 16, 4, 0, 2, 0, memory_limit_gb=limit_gb)
+    need = {b: batch_sweep.cm.footprint_bytes(e.cfg, 0, b, 16 + 4, "fp32") for b in (2, 4)}
+    limit_gb = (e.weight_bytes + (need[2] + need[4]) / 2) / 1e9
+    batch_sweep.run(ctx, e, 8, 16, 4, 0, 2, 0, memory_limit_gb=limit_gb)
     df = pd.read_parquet(tmp_path / "run" / "records.parquet")
     lat = df[df.metric == "generate_latency"].set_index("batch").status
     assert list(lat.index) == [1, 2, 4, 8]
     assert lat[1] == "ok" and lat[2] == "ok" and lat[4].startswith("oom: predicted") and lat[8].startswith("oom")
+    largest = df[df.metric == "largest_batch_predicted"].iloc[0]
+    assert largest["median"] == 2  # the predicted largest batch is a finding, not the grid's maximum
+    split = df[df.metric.isin(["prefill_tokens_per_s", "decode_tokens_per_s"])]
+    assert set(split.batch) == {1, 2} and (split["median"] > 0).all()
 
 
 def test_real_oom_is_caught_memory_freed_and_recorded(tmp_path, monkeypatch):
     ctx = _ctx(tmp_path)
-    model, info = session.load(ctx)
+    e = session.load(ctx, max_batch=4, max_seq=16)
     real = batch_sweep.time_generate
 
-    def flaky(model, ids, *a, **k):
+    def flaky(e, ids, *a, **k):
         if ids.shape[0] == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, ids, *a, **k)
+        return real(e, ids, *a, **k)
     monkeypatch.setattr(batch_sweep, "time_generate", flaky)
-    batch_sweep.run(ctx, model, info, 4, 8, 2, 0, 2, 0)
+    batch_sweep.run(ctx, e, 4, 8, 2, 0, 2, 0)
     df = pd.read_parquet(tmp_path / "run" / "records.parquet")
     lat = df[df.metric == "generate_latency"].set_index("batch").status
     assert lat[1] == "ok" and lat[2] == "oom: out of memory while generating" and lat[4] == "ok"
@@ -42,9 +47,9 @@ def test_real_oom_is_caught_memory_freed_and_recorded(tmp_path, monkeypatch):
 
 def test_latency_records_carry_bounds_and_samples(tmp_path):
     ctx = session.start("01_latency", {"model": "tiny-3b", "weights": "synthetic", "dtype": "fp32", "quant": "none",
-                                       "kind": "cpu", "seed": 0, "out_dir": str(tmp_path / "lat")})
-    model, info = session.load(ctx)
-    latency.run(ctx, model, info, [8], [8], 3, 8, [4], 1, 3, 0)
+                                       "kind": "cpu", "tokens": "random", "seed": 0, "out_dir": str(tmp_path / "lat")})
+    e = session.load(ctx, max_seq=32)
+    latency.run(ctx, e, [8], [8], 3, 8, [4], 1, 3, 0)
     df = pd.read_parquet(tmp_path / "lat" / "records.parquet")
     tpot = df[df.metric == "tpot"].iloc[0]
     assert tpot.n == 9 and len(tpot.samples) == 9  # 3 repeats x 3 timed steps

@@ -1,63 +1,126 @@
 """Experiment 02: throughput and memory against batch size (powers of two up to a bound).
 
-Running out of memory at a batch size is a result, not a crash: it is recorded, memory is freed, and
-the sweep goes on. On the CPU a real out-of-memory kills the process (the kernel's OOM killer), so
-there a batch predicted not to fit is recorded as such without being run.
+Per batch: prefill tokens/s and decode tokens/s from timed prefill and decode steps (as llama-bench's
+pp and tg), and a whole generate's latency, tokens/s and requests/s. Running out of memory at a batch
+size is a result, not a crash: it is recorded, memory is freed, and the sweep goes on. On the CPU a
+real out-of-memory kills the process (the kernel's OOM killer), so there a batch predicted not to fit
+is recorded without being run, and the largest batch that fits is predicted from the cost model's
+footprint; on accelerators it is tried (short prefill + decode steps, doubling until out of memory).
 """
 from . import costmodel as cm
 from .device import empty_cache, free_memory, is_oom, torch_device
-from .latency import generate_cost
-from .measure import time_generate, with_peak_memory
-from .session import add, row
+from .latency import generate_cost, recompile_status
+from .measure import time_decode, time_generate, time_prefill, with_peak_memory
+from .session import add, add_compile_times, config_fields, row
 from .workload import make_batch
+
+SEARCH_LIMIT = 4096  # never try batches beyond this when searching for the largest one
 
 
 def batches_up_to(max_batch: int) -> list[int]:
     return [2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch]
 
 
-def available_bytes(ctx, info, memory_limit_gb: float) -> float:
+def available_bytes(ctx, e, memory_limit_gb: float) -> float:
     if memory_limit_gb > 0:
-        return memory_limit_gb * 1e9 - info["weight_bytes"]
+        return memory_limit_gb * 1e9 - e.weight_bytes
     return free_memory(ctx["kind"])
 
 
-def run(ctx, model, info, max_batch, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0):
+def predicted_largest_batch(e, tokens: int, available: float) -> int:
+    """The largest power-of-two batch whose predicted footprint beyond the weights fits in `available`."""
+    b = 0
+    while 2 * max(b, 1) <= SEARCH_LIMIT and cm.footprint_bytes(e.cfg, 0, max(2 * b, 1), tokens, e.dtype) <= available:
+        b = max(2 * b, 1)
+    return b
+
+
+def run(ctx, e, max_batch, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4):
     for b in batches_up_to(max_batch):
-        one_batch(ctx, model, info, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb)
+        one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb, decode_steps)
+    largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb)
     return ctx["rows"]
 
 
-def one_batch(ctx, model, info, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0):
-    """Generate at batch b: latency, tokens/s, requests/s, peak memory; or a recorded out-of-memory."""
-    cfg, kind, dt, wb = info["cfg"], ctx["kind"], ctx["params"]["dtype"], info["read_bytes"]
-    ids, src = make_batch(b, prompt_len, cfg, seed, info["tokenizer"])
+def _oom_row(ctx, common, status):
+    add(ctx, row(ctx, experiment="batch", metric="generate_latency", unit="s", status=status, **common))
+
+
+def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4):
+    """Batch b: prefill and decode tokens/s, generate latency, tokens/s, requests/s, peak memory; or OOM."""
+    kind = ctx["kind"]
+    ids, src = make_batch(b, prompt_len, e.cfg, seed, e.tokenizer)
     ids = ids.to(torch_device(kind))
-    common = dict(batch=b, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **info["fields"])
-    need = cm.footprint_bytes(cfg, 0, b, prompt_len + new_tokens, dt)
-    avail = available_bytes(ctx, info, memory_limit_gb)
+    common = dict(batch=b, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
+    need = cm.footprint_bytes(e.cfg, 0, b, prompt_len + new_tokens, e.dtype)
+    avail = available_bytes(ctx, e, memory_limit_gb)
     if (kind == "cpu" or memory_limit_gb > 0) and need > avail:
-        add(ctx, row(ctx, experiment="batch", metric="generate_latency", unit="s",
-                     status=f"oom: predicted {need / 1e9:.2f} GB beyond the weights > {avail / 1e9:.2f} GB "
-                            "available (not run)", **common))
+        _oom_row(ctx, common, f"oom: predicted {need / 1e9:.2f} GB beyond the weights > {avail / 1e9:.2f} GB "
+                              "available (not run)")
         return
     try:
-        samples, peak, label = with_peak_memory(
-            lambda: time_generate(model, ids, new_tokens, kind, warmup, repeats), kind)
-    except Exception as e:
-        if not is_oom(e):
+        (pre, pre_rc), _, _ = with_peak_memory(lambda: time_prefill(e, ids, kind, warmup, repeats), kind)
+        (blocks, dec_rc), _, _ = with_peak_memory(
+            lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), kind)
+        (gen, gen_rc), peak, label = with_peak_memory(lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), kind)
+    except Exception as exc:
+        if not is_oom(exc):
             raise
-        del e
+        del exc
         empty_cache(kind)
-        add(ctx, row(ctx, experiment="batch", metric="generate_latency", unit="s",
-                     status="oom: out of memory while generating", **common))
+        _oom_row(ctx, common, "oom: out of memory while generating")
         return
-    flops, nbytes = generate_cost(cfg, wb, b, prompt_len, new_tokens, dt)
-    add(ctx, [row(ctx, samples, flops=flops, nbytes=nbytes, compute_dtype=info.get("compute_dtype"),
-                  experiment="batch", metric="generate_latency", unit="s",
+    add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
+    flops, nbytes = generate_cost(e.cfg, e.read_bytes, b, prompt_len, new_tokens, e.dtype)
+    ctx_mid = prompt_len + warmup + decode_steps // 2
+    add(ctx, [row(ctx, pre, flops=cm.prefill_flops(e.cfg, b, prompt_len),
+                  nbytes=cm.prefill_bytes(e.cfg, e.read_bytes, b, prompt_len, e.dtype), compute_dtype=e.compute_dtype,
+                  experiment="batch", metric="prefill_time", unit="s", status=recompile_status(pre_rc), **common),
+              row(ctx, [b * prompt_len / t for t in pre], experiment="batch", metric="prefill_tokens_per_s",
+                  unit="tokens/s", status=recompile_status(pre_rc), note="prompt tokens processed per second", **common),
+              row(ctx, blocks, flops=cm.decode_flops(e.cfg, b, ctx_mid), nbytes=cm.decode_bytes(e.cfg, e.read_bytes, b, ctx_mid, e.dtype),
+                  compute_dtype=e.compute_dtype, experiment="batch", metric="decode_step_time", unit="s",
+                  status=recompile_status(dec_rc), **common),
+              row(ctx, [[b / t for t in blk] for blk in blocks], experiment="batch", metric="decode_tokens_per_s",
+                  unit="tokens/s", status=recompile_status(dec_rc), note="one new token per sequence per step", **common),
+              row(ctx, gen, flops=flops, nbytes=nbytes, compute_dtype=e.compute_dtype,
+                  experiment="batch", metric="generate_latency", unit="s", status=recompile_status(gen_rc),
                   note="per-request latency: every request of the batch finishes together", **common),
-              row(ctx, [b * new_tokens / t for t in samples], experiment="batch", metric="tokens_per_s",
-                  unit="tokens/s", note="generated tokens only", **common),
-              row(ctx, [b / t for t in samples], experiment="batch", metric="requests_per_s", unit="requests/s",
+              row(ctx, [b * new_tokens / t for t in gen], experiment="batch", metric="tokens_per_s",
+                  unit="tokens/s", status=recompile_status(gen_rc), note="generated tokens only (prefill included in the time)",
                   **common),
+              row(ctx, [b / t for t in gen], experiment="batch", metric="requests_per_s", unit="requests/s",
+                  status=recompile_status(gen_rc), **common),
               row(ctx, [peak], experiment="batch", metric="peak_memory", unit="bytes", note=label, **common)])
+
+
+def largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb=0.0):
+    """The largest feasible batch: predicted on the CPU (an OOM there kills the process), tried on
+    accelerators by doubling past the grid's max_batch until a prefill + one decode step runs out."""
+    kind, tokens = ctx["kind"], prompt_len + new_tokens
+    common = dict(prompt_len=prompt_len, new_tokens=new_tokens, **config_fields(e))
+    avail = available_bytes(ctx, e, memory_limit_gb)
+    pred = predicted_largest_batch(e, tokens, avail)
+    add(ctx, row(ctx, [pred], experiment="batch", metric="largest_batch_predicted", unit="sequences",
+                 note=f"cost-model footprint of {tokens} tokens per sequence within {avail / 1e9:.2f} GB available "
+                      "beyond the weights", **common))
+    if kind == "cpu" or memory_limit_gb > 0:
+        return
+    b, ok = max_batch, max_batch
+    while b < SEARCH_LIMIT:
+        b *= 2
+        try:
+            ids = make_batch(b, prompt_len, e.cfg, seed, e.tokenizer)[0].to(torch_device(kind))
+            time_decode(e, ids, kind, steps=1, warmup=1, repeats=1)
+            ok = b
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            del exc
+            break
+        finally:
+            empty_cache(kind)
+    add(ctx, row(ctx, [ok], experiment="batch", metric="largest_batch_tried", unit="sequences",
+                 note=f"doubling from {max_batch}: batch {ok} ran a prefill and a decode step"
+                      + (f", {b} ran out of memory" if b > ok else f"; stopped at the search limit {SEARCH_LIMIT}"),
+                 **common))

@@ -12,12 +12,6 @@ import math
 import torch
 
 
-@torch.inference_mode()
-def all_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of every position, on the CPU (kept as the reference between methods)."""
-    return model(input_ids=ids, use_cache=False).logits.float().cpu()
-
-
 def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
     ref, test = ref.double(), test.double()
     lp_ref, lp_test = torch.log_softmax(ref, -1), torch.log_softmax(test, -1)
@@ -27,10 +21,8 @@ def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
             "rel_logit_error": float((test - ref).norm() / ref.norm())}
 
 
-@torch.inference_mode()
-def perplexity(model, ids: torch.Tensor) -> float:
-    """exp(mean next-token cross-entropy) over the sequence(s) in ids."""
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) of logits [b, t, vocab] over the sequence(s) in ids [b, t]."""
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                             ids[:, 1:].reshape(-1).to(logits.device))
     return math.exp(float(nll))

@@ -1,41 +1,53 @@
-"""Experiment 01: latency of one (model, weights, dtype, quant, device) at batch 1.
+"""Experiment 01: latency of one configuration (model, weights, dtype, quant, engine, device) at batch 1.
 
 TTFT per prompt length, TPOT per context position (steps timed one by one), whole-generate latency
-compared with TTFT + (n-1) x TPOT measured on the same prompt, and peak memory.
+compared with TTFT + (n-1) x TPOT measured on the same prompt, and peak memory. Only the engine
+interface is called, so every engine is measured by the same code.
 """
 from . import costmodel as cm
 from .device import torch_device
 from .measure import time_decode, time_generate, time_prefill, with_peak_memory
-from .session import add, row
+from .session import add, add_compile_times, config_fields, row
 from .workload import make_batch
 
+AGREEMENT_STEPS = 16  # greedy steps an engine is compared with transformers eager on the same weights
 
-def _ids(ctx, info, batch, length, seed):
-    ids, source = make_batch(batch, length, info["cfg"], seed, info["tokenizer"])
+
+def ids_for(ctx, e, batch, length, seed):
+    ids, source = make_batch(batch, length, e.cfg, seed, e.tokenizer)
     return ids.to(torch_device(ctx["kind"])), source
 
 
-def prefill(ctx, model, info, length, warmup, repeats, seed, batch=1):
-    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["read_bytes"]
-    ids, src = _ids(ctx, info, batch, length, seed)
-    samples, peak, label = with_peak_memory(lambda: time_prefill(model, ids, ctx["kind"], warmup, repeats), ctx["kind"])
-    common = dict(batch=batch, prompt_len=length, tokens=src, **info["fields"])
-    return add(ctx, [row(ctx, samples, flops=cm.prefill_flops(cfg, batch, length),
-                         nbytes=cm.prefill_bytes(cfg, wb, batch, length, dt), compute_dtype=info.get("compute_dtype"),
-                         experiment="prefill", metric="ttft", unit="s", **common),
+def recompile_status(n: int) -> str:
+    """A compilation inside timed calls means the samples timed a compiler: never report them as ok."""
+    return "ok" if n == 0 else f"error: {n} compilation(s) during the timed calls (samples include compile time)"
+
+
+def prefill(ctx, e, length, warmup, repeats, seed, batch=1):
+    ids, src = ids_for(ctx, e, batch, length, seed)
+    (samples, recompiles), peak, label = with_peak_memory(
+        lambda: time_prefill(e, ids, ctx["kind"], warmup, repeats), ctx["kind"])
+    common = dict(batch=batch, prompt_len=length, tokens=src, **config_fields(e))
+    add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
+    return add(ctx, [row(ctx, samples, flops=cm.prefill_flops(e.cfg, batch, length),
+                         nbytes=cm.prefill_bytes(e.cfg, e.read_bytes, batch, length, e.dtype),
+                         compute_dtype=e.compute_dtype, experiment="prefill", metric="ttft", unit="s",
+                         status=recompile_status(recompiles), **common),
                      row(ctx, [peak], experiment="prefill", metric="peak_memory", unit="bytes", note=label, **common)])[0]
 
 
-def decode(ctx, model, info, context, steps, warmup, repeats, seed, batch=1):
-    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["read_bytes"]
-    ids, src = _ids(ctx, info, batch, context, seed)
-    samples, peak, label = with_peak_memory(
-        lambda: time_decode(model, ids, ctx["kind"], steps=steps, warmup=warmup, repeats=repeats), ctx["kind"])
+def decode(ctx, e, context, steps, warmup, repeats, seed, batch=1):
+    ids, src = ids_for(ctx, e, batch, context, seed)
+    (blocks, recompiles), peak, label = with_peak_memory(
+        lambda: time_decode(e, ids, ctx["kind"], steps=steps, warmup=warmup, repeats=repeats), ctx["kind"])
     mid = context + warmup + steps // 2  # the cache grows during the timed steps; cost at its middle
-    common = dict(batch=batch, prompt_len=context, context_len=context + warmup, tokens=src, **info["fields"])
-    return add(ctx, [row(ctx, samples, flops=cm.decode_flops(cfg, batch, mid), nbytes=cm.decode_bytes(cfg, wb, batch, mid, dt),
-                         compute_dtype=info.get("compute_dtype"), experiment="decode", metric="tpot", unit="s",
-                         note=f"{steps} steps after {warmup} warm-up steps", **common),
+    common = dict(batch=batch, prompt_len=context, context_len=context + warmup, tokens=src, **config_fields(e))
+    add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
+    return add(ctx, [row(ctx, blocks, flops=cm.decode_flops(e.cfg, batch, mid),
+                         nbytes=cm.decode_bytes(e.cfg, e.read_bytes, batch, mid, e.dtype),
+                         compute_dtype=e.compute_dtype, experiment="decode", metric="tpot", unit="s",
+                         status=recompile_status(recompiles),
+                         note=f"{repeats} repeats x {steps} steps after {warmup} warm-up steps", **common),
                      row(ctx, [peak], experiment="decode", metric="peak_memory", unit="bytes", note=label, **common)])[0]
 
 
@@ -47,29 +59,60 @@ def generate_cost(cfg, wb, batch, prompt_len, new_tokens, dtype):
     return flops, nbytes
 
 
-def generate(ctx, model, info, prompt_len, new_tokens, steps, warmup, repeats, seed):
+def generate(ctx, e, prompt_len, new_tokens, steps, warmup, repeats, seed):
     """Whole generate vs the sum of its parts, all measured here on the same prompt."""
-    cfg, dt, wb = info["cfg"], ctx["params"]["dtype"], info["read_bytes"]
-    ttft = prefill(ctx, model, info, prompt_len, warmup, repeats, seed)
-    tpot = decode(ctx, model, info, prompt_len, steps, warmup, repeats, seed)
-    ids, src = _ids(ctx, info, 1, prompt_len, seed)
-    samples = time_generate(model, ids, new_tokens, ctx["kind"], warmup, repeats)
+    ttft = prefill(ctx, e, prompt_len, warmup, repeats, seed)
+    tpot = decode(ctx, e, prompt_len, steps, warmup, repeats, seed)
+    ids, src = ids_for(ctx, e, 1, prompt_len, seed)
+    samples, recompiles = time_generate(e, ids, new_tokens, ctx["kind"], warmup, repeats)
     predicted = ttft["median"] + (new_tokens - 1) * tpot["median"]
-    flops, nbytes = generate_cost(cfg, wb, 1, prompt_len, new_tokens, dt)
-    common = dict(batch=1, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **info["fields"])
-    add(ctx, [row(ctx, samples, flops=flops, nbytes=nbytes, experiment="generate", metric="generate_latency", unit="s",
+    flops, nbytes = generate_cost(e.cfg, e.read_bytes, 1, prompt_len, new_tokens, e.dtype)
+    common = dict(batch=1, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
+    add(ctx, [row(ctx, samples, flops=flops, nbytes=nbytes, compute_dtype=e.compute_dtype, experiment="generate",
+                  metric="generate_latency", unit="s", status=recompile_status(recompiles),
                   note=f"TTFT + (n-1) x TPOT = {predicted:.4g} s", **common),
               row(ctx, [s - predicted for s in samples], experiment="generate", metric="generate_gap", unit="s",
                   note="generate latency minus (TTFT + (n-1) x TPOT): framework overhead not in the step timings",
                   **common)])
 
 
-def run(ctx, model, info, prompt_lens, decode_contexts, decode_steps, gen_prompt_len, gen_new_tokens,
+def agreement(ctx, e, prompt_len, new_tokens, seed):
+    """Greedy tokens and logits of this engine against HF eager on the very same weight tensors (the
+    compiled engine keeps that reference when unquantized): leading steps with identical tokens, and the
+    max relative logit error over every position of the greedy sequence."""
+    import dataclasses
+    from . import engine
+    ref = e.extra.get("reference")
+    if ref is None:
+        return
+    eager = dataclasses.replace(e, name="eager", model=ref)
+    ids, src = ids_for(ctx, e, 1, prompt_len, seed)
+    a, b = engine.generate(eager, ids, new_tokens).cpu(), engine.generate(e, ids, new_tokens).cpu()
+    la, lb = engine.logits(eager, a.to(ids.device)), engine.logits(e, a.to(ids.device))
+    same = int((a[0, prompt_len:] == b[0, prompt_len:]).long().cumprod(0).sum())
+    err = float((la - lb).abs().max() / la.abs().max())
+    common = dict(batch=1, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
+    add(ctx, [row(ctx, [same], experiment="agreement", metric="greedy_steps_equal", unit="tokens",
+                  note=f"leading greedy tokens equal to transformers eager on the same weights, of {new_tokens}",
+                  **common),
+              row(ctx, [err], experiment="agreement", metric="max_rel_logit_error", unit="ratio",
+                  note="max |logits - eager logits| / max |eager logits| over the greedy sequence", **common)])
+    add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
+
+
+def max_seq(prompt_lens, decode_contexts, decode_steps, gen_prompt_len, gen_new_tokens, warmup) -> int:
+    """The longest sequence this experiment builds: what a static KV cache must hold."""
+    return max(max(prompt_lens), max(decode_contexts) + max(warmup, 1) + decode_steps,
+               gen_prompt_len + max(*gen_new_tokens, AGREEMENT_STEPS)) + 1
+
+
+def run(ctx, e, prompt_lens, decode_contexts, decode_steps, gen_prompt_len, gen_new_tokens,
         warmup, repeats, seed):
+    agreement(ctx, e, gen_prompt_len, AGREEMENT_STEPS, seed)
     for length in prompt_lens:
-        prefill(ctx, model, info, length, warmup, repeats, seed)
+        prefill(ctx, e, length, warmup, repeats, seed)
     for context in decode_contexts:
-        decode(ctx, model, info, context, decode_steps, warmup, repeats, seed)
+        decode(ctx, e, context, decode_steps, warmup, repeats, seed)
     for n in gen_new_tokens:
-        generate(ctx, model, info, gen_prompt_len, n, min(decode_steps, max(n - 1, 1)), warmup, repeats, seed)
+        generate(ctx, e, gen_prompt_len, n, min(decode_steps, max(n - 1, 1)), warmup, repeats, seed)
     return ctx["rows"]

@@ -1,54 +1,61 @@
 """Timing loops, nanoGPT-bench style: warm up, synchronize, measure each unit, keep every sample.
 
+Everything goes through the engine interface (engine.py), so eager, compiled and llama.cpp are timed
+by the same code:
 - prefill (TTFT): one forward over the prompt plus the argmax that yields the first token;
 - decode (TPOT): single-token steps timed one by one on top of a filled KV cache;
-- generate: a whole `model.generate` call, to compare with TTFT + (n-1) x TPOT.
-Every shape that is timed is also run untimed first: accelerators compile per shape on first use.
+- generate: a whole greedy generation, to compare with TTFT + (n-1) x TPOT.
+Every shape that is timed is also run untimed first: accelerators and compiled engines compile per
+shape on first use (that time is the engine's compile time, never part of a sample). A compilation
+during the timed calls is counted and returned, so the caller can refuse the samples.
 """
-import torch
-
+from . import engine
 from .device import peak_memory, reset_peak_memory, timed
 
 
-def forward_step(model, ids, cache=None):
-    """One forward: returns (cache, next token ids [batch, 1]). Only the last position's logits."""
-    out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+def _compiles(e) -> int:
+    return getattr(engine.module(e.name), "compile_count", lambda e: 0)(e)
 
 
-@torch.inference_mode()
-def time_prefill(model, ids, kind: str, warmup: int = 1, repeats: int = 3) -> list[float]:
-    for _ in range(warmup):
-        forward_step(model, ids)
-    return [timed(lambda: forward_step(model, ids), kind)[1] for _ in range(repeats)]
-
-
-@torch.inference_mode()
-def time_decode(model, ids, kind: str, steps: int = 8, warmup: int = 2, repeats: int = 1) -> list[float]:
-    """Per-token decode latency with ids.shape[1] + warmup tokens already in the cache."""
+def time_prefill(e, ids, kind: str, warmup: int = 1, repeats: int = 3) -> tuple[list[float], int]:
+    """(seconds per repeat, compilations during the timed calls)."""
+    for _ in range(max(warmup, 1)):
+        engine.release(e, engine.prefill(e, ids)[0])
+    before = _compiles(e)
     samples = []
     for _ in range(repeats):
-        cache, tok = forward_step(model, ids)
-        for i in range(warmup + steps):
-            (cache, tok), t = timed(lambda: forward_step(model, tok, cache), kind)
-            if i >= warmup:
-                samples.append(t)
-        del cache
-    return samples
+        (state, _), t = timed(lambda: engine.prefill(e, ids), kind)
+        engine.release(e, state)
+        samples.append(t)
+    return samples, _compiles(e) - before
 
 
-def generate(model, ids, new_tokens: int):
-    """Greedy generation of exactly new_tokens tokens (EOS cannot stop it early)."""
-    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+def time_decode(e, ids, kind: str, steps: int = 8, warmup: int = 2, repeats: int = 1):
+    """([[seconds per step] per repeat], compilations during timed steps). The cache holds
+    ids.shape[1] + warmup tokens when the first timed step runs; steps within a repeat are correlated,
+    so they are returned per repeat."""
+    blocks, recompiles = [], 0
+    for _ in range(repeats):
+        state, tok = engine.prefill(e, ids)
+        for _ in range(max(warmup, 1)):
+            state, tok = engine.decode(e, state, tok)
+        before = _compiles(e)
+        block = []
+        for _ in range(steps):
+            (state, tok), t = timed(lambda: engine.decode(e, state, tok), kind)
+            block.append(t)
+        recompiles += _compiles(e) - before
+        engine.release(e, state)
+        blocks.append(block)
+    return blocks, recompiles
 
 
-@torch.inference_mode()
-def time_generate(model, ids, new_tokens: int, kind: str, warmup: int = 1, repeats: int = 3) -> list[float]:
-    for _ in range(warmup):
-        out = generate(model, ids, new_tokens)
-        assert out.shape[1] == ids.shape[1] + new_tokens, "generate stopped early"
-    return [timed(lambda: generate(model, ids, new_tokens), kind)[1] for _ in range(repeats)]
+def time_generate(e, ids, new_tokens: int, kind: str, warmup: int = 1, repeats: int = 3):
+    for _ in range(max(warmup, 1)):
+        engine.generate(e, ids, new_tokens)
+    before = _compiles(e)
+    samples = [timed(lambda: engine.generate(e, ids, new_tokens), kind)[1] for _ in range(repeats)]
+    return samples, _compiles(e) - before
 
 
 def with_peak_memory(fn, kind: str):

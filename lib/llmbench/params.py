@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from . import paths
 from .device import DEVICES, DTYPES
+from .engine import ENGINES
 from .errors import UserError
 from .models import check_weights_path, model_names
 from .quant import METHODS
@@ -62,7 +63,7 @@ def _weights(name, v):
 RULES = {
     "model": lambda n, v: _choice(model_names())(n, v),
     "device": _choice(DEVICES), "dtype": _choice(list(DTYPES)), "quant": _choice(METHODS),
-    "methods": _choice(METHODS), "weights": _weights, "tokens": _choice(TOKENS),
+    "methods": _choice(METHODS), "weights": _weights, "tokens": _choice(TOKENS), "engine": _choice(ENGINES),
     "prompt_lens": _positive, "decode_contexts": _positive, "decode_steps": _positive, "gen_new_tokens": _positive,
     "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "prompt_len": _positive,
     "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,

@@ -6,33 +6,30 @@ stack. An unsupported method is a recorded result with its reason.
 """
 from . import latency
 from .device import empty_cache, torch_device
-from .fidelity import all_logits, compare_logits, perplexity
-from .quant import KERNELS
-from .session import add, load, row
-from .stats import ratio_of_medians
+from .fidelity import compare_logits, perplexity
+from .session import add, config_fields, load, row
+from .stats import ratio_of_medians, regroup
 from .workload import make_batch
 
 SYNTHETIC_NOTE = ("synthetic weights: random weights have no outlier channels, so this is not the fidelity "
                   "of the real model")
 
 
-def _corpus_ids(info, length):
-    return make_batch(1, length, info["cfg"], 0, info["tokenizer"])[0]
-
-
 def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batch, fidelity_len,
         warmup, repeats, seed):
-    from . import batch_sweep
+    from . import batch_sweep, engine
     ref, base = None, {}
+    # One static cache fits every measurement of this notebook: the batch run, and the timed prompt.
+    seq = max(prompt_len + max(warmup, 1) + decode_steps, prompt_len + new_tokens) + 1
     for method in ["none"] + [m for m in methods if m != "none"]:
-        model, info = load(ctx, method)
-        if model is None:
+        e = load(ctx, method, max_batch=max(batch, 1), max_seq=seq)
+        if e is None:
             continue
         dev = torch_device(ctx["kind"])
-        f = info["fields"]
-        fid_ids, src = make_batch(fidelity_batch, fidelity_len, info["cfg"], seed + 1, info["tokenizer"])
-        logits = all_logits(model, fid_ids.to(dev))
-        note = SYNTHETIC_NOTE if info["weights"] == "synthetic" else "real weights"
+        f = config_fields(e)
+        fid_ids, src = make_batch(fidelity_batch, fidelity_len, e.cfg, seed + 1, e.tokenizer)
+        logits = engine.logits(e, fid_ids.to(dev))
+        note = SYNTHETIC_NOTE if e.weights == "synthetic" else "real weights"
         if method == "none":
             ref = logits
         else:
@@ -41,21 +38,23 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
                           prompt_len=fidelity_len, tokens=src, note=note, **f)
                       for k, u in (("kl_mean", "nats"), ("kl_max", "nats"), ("top1_agreement", "share"),
                                    ("rel_logit_error", "ratio"))])
-        if info["tokenizer"] is not None:
-            ppl = perplexity(model, _corpus_ids(info, fidelity_len * 4).to(dev))
-            add(ctx, row(ctx, [ppl], experiment="fidelity", metric="perplexity", unit="", tokens="corpus", **f))
-        ttft = latency.prefill(ctx, model, info, prompt_len, warmup, repeats, seed)
-        tpot = latency.decode(ctx, model, info, prompt_len, decode_steps, warmup, repeats, seed)
-        batch_sweep.one_batch(ctx, model, info, batch, prompt_len, new_tokens, warmup, repeats, seed)
+        if e.weights == "real" and e.tokenizer is not None:
+            ids = make_batch(1, fidelity_len * 4, e.cfg, 0, e.tokenizer)[0].to(dev)
+            add(ctx, row(ctx, [perplexity(engine.logits(e, ids), ids)], experiment="fidelity", metric="perplexity",
+                         unit="", tokens="corpus", **f))
+        ttft = latency.prefill(ctx, e, prompt_len, warmup, repeats, seed)
+        tpot = latency.decode(ctx, e, prompt_len, decode_steps, warmup, repeats, seed)
+        batch_sweep.one_batch(ctx, e, batch, prompt_len, new_tokens, warmup, repeats, seed, decode_steps=decode_steps)
         measured = {"ttft": ttft, "tpot": tpot}
         if method == "none":
             base = measured
-        else:
+        elif base:
             for k, r in measured.items():  # speed-up = baseline time / method time, with a bootstrap CI
-                ratio, lo, hi = ratio_of_medians(r["samples"], base[k]["samples"])
+                ratio, lo, hi = ratio_of_medians(regroup(r["samples"], r["sample_blocks"]),
+                                                 regroup(base[k]["samples"], base[k]["sample_blocks"]))
                 add(ctx, row(ctx, experiment="quant", metric=f"{k}_speedup_vs_none", unit="x", n=r["n"],
                              median=ratio, ci_low=lo, ci_high=hi, batch=1, prompt_len=prompt_len,
-                             note=KERNELS.get((ctx["kind"], method)), **f))
-        del model, logits
+                             note=e.description, **f))
+        del e, logits
         empty_cache(ctx["kind"])
     return ctx["rows"]

@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 from . import ceilings, paths
+from .config import CONFIG_KEYS
 from .costmodel import efficiency
 from .device import describe
-from .records import record, write_records
+from .records import record, write_json, write_records
 
 
 def out_dir(params: dict, notebook: str) -> Path:
@@ -24,11 +25,12 @@ def start(notebook: str, params: dict, measure_ceilings: bool = True) -> dict:
     spec = ceilings.spec_for(info["device_name"])
     ctx = {"notebook": notebook, "params": params, "kind": kind, "info": info, "spec": spec,
            "spec_ceilings": ceilings.spec_ceilings(spec), "dir": out_dir(params, notebook), "rows": []}
+    write_json(info, ctx["dir"] / "device.json")  # the runner's run.json takes it: described here, not in the parent
     if measure_ceilings:
         dtypes = sorted({params.get("dtype", "fp32"), "fp32"})
         ctx["ceilings"], ctx["ceilings_source"] = ceilings.load_or_measure(params.get("grid_dir"), kind, dtypes)
     ctx["base"] = {"run_id": ctx["dir"].name, "device": kind, "device_name": info["device_name"],
-                   **{k: params[k] for k in ("model", "dtype", "quant") if k in params}}
+                   **{k: params[k] for k in CONFIG_KEYS if k in params and k not in ("device", "tokens")}}
     return ctx
 
 
@@ -57,30 +59,43 @@ def row(ctx: dict, samples=None, flops=None, nbytes=None, compute_dtype=None, **
     return r
 
 
-def load(ctx: dict, method: str | None = None):
-    """(model, info) with weights loaded and quantized, or (None, info) when the method is unsupported
-    here; either way the load is recorded. info: weights, load_s, weight_bytes,
-    read_bytes (what a forward step streams), tokenizer, cfg."""
-    from .models import load_config, load_model, load_tokenizer
-    from .quant import KERNELS, Unsupported, quantize, streamed_weight_bytes, weight_bytes
+def config_fields(e) -> dict:
+    """The configuration columns an engine fixes (the rest come from the run's parameters)."""
+    return dict(weights=e.weights, weights_source=e.weights_source, quant=e.quant, engine=e.name)
+
+
+def load(ctx: dict, method: str | None = None, max_batch: int = 1, max_seq: int = 256):
+    """The engine of this run's parameters, loaded (and quantized, compiled) and its load recorded;
+    None when the method or engine cannot run here (recorded as "unsupported: why").
+    max_batch and max_seq size a static engine's KV cache."""
+    from . import engine
+    from .quant import Unsupported
     p = ctx["params"]
     method = method or p.get("quant", "none")
-    model, info = load_model(p["model"], p["weights"], p["dtype"], ctx["kind"], p.get("seed", 0))
-    fields = dict(weights=info["weights"], weights_source=info["weights_source"], quant=method)
-    t0 = time.perf_counter()
+    req = engine.LoadRequest(engine=p.get("engine", "eager"), model=p["model"], weights=p["weights"],
+                             dtype=p["dtype"], quant=method, kind=ctx["kind"], seed=p.get("seed", 0),
+                             max_batch=max_batch, max_seq=max_seq, tokens=p.get("tokens", "corpus"))
     try:
-        info["replaced"] = quantize(model, method, ctx["kind"], p["dtype"])
-    except Unsupported as e:
-        add(ctx, row(ctx, experiment="load", metric="quantize", unit="", status=f"unsupported: {e}", **fields))
-        return None, info
-    # w8a8 multiplies int8 by int8: its compute ceiling is the int8 one; the others dequantize to dtype.
-    info["compute_dtype"] = "int8" if method == "w8a8" else p["dtype"]
-    info.update(quantize_s=time.perf_counter() - t0, weight_bytes=weight_bytes(model),
-                read_bytes=streamed_weight_bytes(model), cfg=load_config(p["model"]),
-                tokenizer=load_tokenizer(p["weights"]), fields=fields)
-    add(ctx, [row(ctx, experiment="load", metric="load_time", unit="s", samples=[info["load_s"]], **fields),
-              row(ctx, experiment="load", metric="quantize_time", unit="s", samples=[info["quantize_s"]], **fields),
-              row(ctx, experiment="load", metric="weight_bytes", unit="bytes", samples=[info["weight_bytes"]],
-                  note=f"{len(info['replaced'])} Linear modules quantized: {KERNELS.get((ctx['kind'], method))}"
-                  if method != "none" else "", **fields)])
-    return model, info
+        e = engine.load(req)
+    except Unsupported as why:
+        add(ctx, row(ctx, experiment="load", metric="load", unit="", status=f"unsupported: {why}", quant=method,
+                     engine=req.engine, weights_source=req.weights))
+        return None
+    f = config_fields(e)
+    add(ctx, [row(ctx, experiment="load", metric="load_time", unit="s", samples=[e.load_s], **f),
+              row(ctx, experiment="load", metric="quantize_time", unit="s", samples=[e.quantize_s], **f),
+              row(ctx, experiment="load", metric="weight_bytes", unit="bytes", samples=[e.weight_bytes],
+                  note=f"{len(e.replaced)} Linear modules quantized; " * (method != "none") + e.description, **f),
+              row(ctx, experiment="load", metric="streamed_bytes", unit="bytes", samples=[e.read_bytes],
+                  note="weight bytes one forward step reads (cost model)", **f)])
+    return e
+
+
+def add_compile_times(ctx: dict, e, seen: set) -> None:
+    """Record each shape the engine compiled since the last call (compile time is paid once per shape,
+    never folded into warm-up or samples)."""
+    for key, seconds in (e.extra.get("compiles") or {}).items():
+        if key not in seen:
+            seen.add(key)
+            add(ctx, row(ctx, experiment="load", metric="compile_time", unit="s", samples=[seconds],
+                         note=f"{key[0]} step, input shapes {key[1:]}", **config_fields(e)))

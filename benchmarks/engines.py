@@ -1,0 +1,113 @@
+"""Eager vs compiled decode of Llama 3.2 1B and 3B at batch 1 on the detected device, in one run.
+
+    python benchmarks/engines.py [--dtype auto] [--context 32] [--steps 16] [--repeats 3] [--models ...]
+
+For each model and engine: load (synthetic weights of the exact architecture), compile (timed on its
+own), warm up, then decode steps timed one by one with device synchronization. MBU is the cost model's
+bytes of one step (weights streamed + KV cache) over the median step time, against the read bandwidth
+measured here in the same run. Greedy tokens of the two engines are compared on the same prompt.
+Last line, exactly:
+  engines: 1b eager MBU=<x> compiled MBU=<y> | 3b eager MBU=<x> compiled MBU=<y> | 3b/1b compiled TPOT ratio=<r>
+"""
+import argparse
+import gc
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+
+from llmbench import ceilings, engine
+from llmbench import costmodel as cm
+from llmbench.device import DTYPES, empty_cache, pick_device, torch_device, usable_dtypes
+from llmbench.errors import UserError, check_choice
+from llmbench.measure import time_decode
+from llmbench.quant import Unsupported
+from llmbench.stats import flatten, ratio_of_medians
+from llmbench.workload import make_batch
+
+MODELS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
+
+
+def fastest_dtype(kind: str) -> str:
+    """bf16 where it is usable on this device (measured on the CPU), else fp32."""
+    return "bf16" if not usable_dtypes(kind)["bf16"] else "fp32"
+
+
+def bench_one(name, eng, dtype, kind, context, steps, repeats, gen_tokens):
+    seq = context + 2 + steps + gen_tokens
+    e = engine.load(engine.LoadRequest(engine=eng, model=name, weights="synthetic", dtype=dtype, quant="none",
+                                       kind=kind, max_batch=1, max_seq=seq, tokens="random"))
+    ids = make_batch(1, context, e.cfg, 0, None)[0].to(torch_device(kind))
+    tokens = engine.generate(e, ids, gen_tokens).cpu()  # also the warm-up that compiles every shape
+    blocks, recompiles = time_decode(e, ids, kind, steps=steps, warmup=2, repeats=repeats)
+    step_bytes = cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)
+    out = dict(blocks=blocks, tpot=float(np.median(flatten(blocks))), bytes=step_bytes, compile_s=e.compile_s,
+               load_s=e.load_s, tokens=tokens, recompiles=recompiles, description=e.description)
+    del e
+    gc.collect()
+    empty_cache(kind)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="fp32, fp16, bf16, or auto: bf16 where usable, else fp32")
+    ap.add_argument("--context", type=int, default=32, help="prompt tokens in the cache before decoding")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared between engines")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), help="1b and/or 3b")
+    args = ap.parse_args()
+    for m in args.models:
+        check_choice("model", m, list(MODELS))
+    kind = pick_device(args.device)
+    dtype = fastest_dtype(kind) if args.dtype == "auto" else args.dtype
+    check_choice("dtype", dtype, list(DTYPES))
+    bw = ceilings.from_records(pd.DataFrame(
+        ceilings.measure_bandwidth(kind, (1024 if kind == "cpu" else 4096) * 2**20)))["bandwidth"]
+    print(f"device {kind}, dtype {dtype}, measured read bandwidth {bw / 1e9:.1f} GB/s, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    res = {}
+    for short in args.models:
+        for eng in ("eager", "compiled"):
+            try:
+                r = bench_one(MODELS[short], eng, dtype, kind, args.context, args.steps, args.repeats, args.gen_tokens)
+            except Unsupported as why:
+                print(f"{short} {eng}: unsupported: {why}", flush=True)
+                continue
+            r["mbu"] = r["bytes"] / r["tpot"] / bw
+            res[(short, eng)] = r
+            s = flatten(r["blocks"])
+            print(f"{short} {eng:>8}: TPOT median {r['tpot'] * 1e3:.1f} ms (min {s.min() * 1e3:.1f}, max "
+                  f"{s.max() * 1e3:.1f}, n={s.size}), MBU {r['mbu']:.2f} of {bw / 1e9:.1f} GB/s "
+                  f"({r['bytes'] / 1e9:.2f} GB/step), load {r['load_s']:.1f} s, compile {r['compile_s']:.1f} s"
+                  + (f", {r['recompiles']} RECOMPILES during timing" if r["recompiles"] else ""), flush=True)
+        if (short, "eager") in res and (short, "compiled") in res:
+            a, b = res[(short, "eager")], res[(short, "compiled")]
+            same = (a["tokens"][:, args.context:] == b["tokens"][:, args.context:]).all(0)
+            agree = int(same.long().cumprod(0).sum())  # leading steps with identical tokens
+            r, lo, hi = ratio_of_medians(b["blocks"], a["blocks"])
+            print(f"{short}: eager/compiled TPOT = {r:.2f} (95% CI {lo:.2f}-{hi:.2f}); greedy tokens agree for "
+                  f"{agree} of {args.gen_tokens} steps", flush=True)
+
+    def mbu(short, eng):
+        r = res.get((short, eng))
+        return f"{r['mbu']:.2f}" if r else "n/a"
+    ratio = "n/a"
+    if ("1b", "compiled") in res and ("3b", "compiled") in res:
+        r, lo, hi = ratio_of_medians(res[("1b", "compiled")]["blocks"], res[("3b", "compiled")]["blocks"])
+        ratio = f"{r:.2f}"
+        print(f"3b/1b compiled TPOT ratio {r:.2f} (95% CI {lo:.2f}-{hi:.2f}); weight-bytes ratio "
+              f"{res[('3b', 'compiled')]['bytes'] / res[('1b', 'compiled')]['bytes']:.2f} (bytes per step)")
+    print(f"engines: 1b eager MBU={mbu('1b', 'eager')} compiled MBU={mbu('1b', 'compiled')} | "
+          f"3b eager MBU={mbu('3b', 'eager')} compiled MBU={mbu('3b', 'compiled')} | 3b/1b compiled TPOT ratio={ratio}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"engines.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,168 @@
+"""Engine `compiled`: a gpt-fast style Llama (llama.py) with a preallocated static KV cache, whose decode
+step has fixed shapes and is compiled once per batch size, then replayed.
+
+- cuda: torch.compile(mode="reduce-overhead", fullgraph=True): the step is captured as a CUDA graph;
+- npu:  torch.compile(backend="npugraph_ex", fullgraph=True, dynamic=False) (torchair's graph mode, A2/A3
+        only; TASK_QUEUE_ENABLE=2 is the documented dispatch setting): anything else is refused;
+- cpu:  inductor; at batch 1 a linear is written as a fused multiply-reduce over the weight rows, which
+        inductor turns into one streaming loop per weight (MKL's GEMV for M=1 reached about 60% of the
+        read bandwidth here); bf16 accumulates in fp32.
+Prefill runs the same module eagerly on the CPU (it is compute bound there) and compiled per prompt
+length on accelerators. Compile time is measured per (function, shape) on the first call and kept in
+`e.extra["compiles"]`; `compile_count` reads dynamo's counter so that a recompilation during timed
+steps is detected by the caller.
+"""
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import llama
+from .device import synchronize, torch_device
+from .engine import Engine, LoadRequest
+from .quant import Unsupported
+
+CPU_GEMV_ROWS = 1  # rows (batch x tokens) up to which the CPU graph uses the fused multiply-reduce
+
+
+@dataclass
+class State:
+    pos: int     # next position to write in the static cache
+    batch: int
+
+
+def _gemv_linear(mod, x):
+    """y = x W^T as a multiply-reduce: under inductor on CPU, one pass over W at memory speed."""
+    w = mod.weight
+    if x.dtype == torch.float32:
+        return (x[..., None, :] * w).sum(-1)
+    return (x.float()[..., None, :] * w.float()).sum(-1).to(x.dtype)
+
+
+def _use_gemv(mod, x) -> bool:
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and type(mod) is torch.nn.Linear
+            and x.numel() // x.shape[-1] <= CPU_GEMV_ROWS)
+
+
+def _install_gemv(model) -> None:
+    """Route plain (unquantized) Linear modules through _gemv_linear when the compiled graph qualifies."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.forward = _linear_forward.__get__(m)
+
+
+def _linear_forward(self, x):
+    return _gemv_linear(self, x) if _use_gemv(self, x) else torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _compile_options(kind: str) -> tuple[dict, str]:
+    if kind == "cuda":
+        return dict(mode="reduce-overhead", fullgraph=True, dynamic=False), "torch.compile reduce-overhead (CUDA graphs)"
+    if kind == "npu":
+        from .quant_npu import chip_supports
+        ok, why = chip_supports(torch.npu.get_device_name(0), "graph")
+        if not ok:
+            raise Unsupported(f"npugraph_ex graph mode: {why}")
+        tq = os.environ.get("TASK_QUEUE_ENABLE", "unset")
+        return (dict(backend="npugraph_ex", fullgraph=True, dynamic=False),
+                f"torch.compile backend=npugraph_ex (torchair graph mode), TASK_QUEUE_ENABLE={tq}")
+    return dict(fullgraph=True, dynamic=False), "torch.compile inductor; batch-1 linears as fused multiply-reduce"
+
+
+def _decode_step(model, token, pos):
+    return model(token, pos).argmax(-1, keepdim=True)
+
+
+def _prefill_step(model, ids, pos):
+    return model(ids, pos).argmax(-1, keepdim=True)
+
+
+def load(req: LoadRequest) -> Engine:
+    from .engine_eager import build
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = 64  # one graph per batch size and prompt length; never fall back
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    hf = []
+    e = build(req, "compiled", convert=lambda m: hf.append(m) or llama.from_hf(m))
+    if req.quant == "none":
+        e.extra["reference"] = hf[0]  # HF eager on the very same tensors: the agreement check's reference
+    del hf
+    opts, how = _compile_options(req.kind)
+    if req.kind == "cpu":
+        _install_gemv(e.model)
+    e.model.setup_caches(req.max_batch, req.max_seq)
+    e.extra.update(decode=torch.compile(_decode_step, **opts),
+                   prefill=torch.compile(_prefill_step, **opts) if req.kind != "cpu" else _prefill_step,
+                   compiled={"decode"} if req.kind == "cpu" else {"decode", "prefill"},
+                   compiles={}, cuda_graphs=req.kind == "cuda")
+    e.description = (f"own static-cache Llama (llama.py, max_seq {req.max_seq}); decode: {how}; prefill: "
+                     f"{'eager' if req.kind == 'cpu' else 'compiled per prompt length'}; {e.description}")
+    return e
+
+
+def _call(e: Engine, name: str, *args):
+    """Run a (possibly compiled) step; the first call of each shape is timed as its compile time."""
+    fn = e.extra[name]
+    key = (name, *(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+    if e.extra["cuda_graphs"]:
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
+    if key in e.extra["compiles"] or name not in e.extra["compiled"]:
+        return fn(e.model, *args).clone()
+    synchronize(e.kind)
+    t0 = time.perf_counter()
+    out = fn(e.model, *args).clone()
+    synchronize(e.kind)
+    e.extra["compiles"][key] = time.perf_counter() - t0
+    e.compile_s += e.extra["compiles"][key]
+    return out
+
+
+def _positions(e: Engine, start: int, n: int):
+    if start + n > e.model.max_seq:
+        raise ValueError(f"sequence of {start + n} tokens exceeds the static cache ({e.model.max_seq}); "
+                         "raise max_seq")
+    return torch.arange(start, start + n, device=torch_device(e.kind))
+
+
+@torch.inference_mode()
+def prefill(e: Engine, ids):
+    b, t = ids.shape
+    e.model.setup_caches(b, max(e.model.max_seq, e.max_seq))  # a new batch size gets its own cache
+    return State(pos=t, batch=b), _call(e, "prefill", ids, _positions(e, 0, t))
+
+
+@torch.inference_mode()
+def decode(e: Engine, state: State, token):
+    tok = _call(e, "decode", token, _positions(e, state.pos, 1))
+    return State(pos=state.pos + 1, batch=state.batch), tok
+
+
+@torch.inference_mode()
+def generate(e: Engine, ids, n: int):
+    state, tok = prefill(e, ids)
+    out = [ids, tok]
+    for _ in range(n - 1):
+        state, tok = decode(e, state, tok)
+        out.append(tok)
+    return torch.cat(out, dim=1)
+
+
+@torch.inference_mode()
+def logits(e: Engine, ids):
+    """Every position's logits, eagerly through the same module (fidelity; not timed)."""
+    b, t = ids.shape
+    shape = (e.model.max_batch, e.model.max_seq)
+    e.model.setup_caches(b, max(t, shape[1]))
+    out = e.model.all_logits(ids, _positions(e, 0, t)).float().cpu()
+    e.model.setup_caches(*shape)
+    return out
+
+
+def release(e: Engine, state) -> None:
+    pass  # the static cache is reused; positions past a state's end are masked
+
+
+def compile_count(e: Engine) -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])

@@ -1,0 +1,82 @@
+"""Engine `eager`: Hugging Face transformers in eager mode with its growing DynamicCache.
+
+What a user gets from plain transformers: every decode step dispatches each operator from Python, so
+on accelerators small models measure mostly dispatch. Loading and quantization live here and are
+shared with the compiled engine (`build`), so both run exactly the same weights.
+"""
+import time
+
+import torch
+
+from .device import synchronize
+from .engine import Engine, LoadRequest
+
+
+def build(req: LoadRequest, name: str, convert=None) -> Engine:
+    """Load weights, convert them to the engine's module (sharing tensors), quantize; no compile."""
+    from .models import load_config, load_model, load_tokenizer
+    from .quant import KERNELS, quantize, streamed_weight_bytes, weight_bytes
+    model, info = load_model(req.model, req.weights, req.dtype, req.kind, req.seed)
+    if convert is not None:
+        model = convert(model)
+    t0 = time.perf_counter()
+    replaced = quantize(model, req.quant, req.kind, req.dtype)  # raises Unsupported with the reason
+    synchronize(req.kind)
+    kernel = KERNELS.get((req.kind, req.quant), "") if req.quant != "none" else f"{req.dtype} matmuls"
+    return Engine(
+        name=name, model=model, cfg=load_config(req.model), kind=req.kind, dtype=req.dtype, quant=req.quant,
+        # w8a8 multiplies int8 by int8: its compute ceiling is the int8 one; the others dequantize to dtype.
+        compute_dtype="int8" if req.quant == "w8a8" else req.dtype,
+        weight_bytes=weight_bytes(model), read_bytes=streamed_weight_bytes(model),
+        weights=info["weights"], weights_source=info["weights_source"],
+        tokenizer=load_tokenizer(req.weights, req.tokens), load_s=info["load_s"],
+        quantize_s=time.perf_counter() - t0, description=kernel, replaced=replaced,
+        max_batch=req.max_batch, max_seq=req.max_seq)
+
+
+def load(req: LoadRequest) -> Engine:
+    e = build(req, "eager")
+    e.description = f"transformers {_version()} eager, DynamicCache; {e.description}"
+    return e
+
+
+def _version() -> str:
+    import transformers
+    return transformers.__version__
+
+
+def _forward(e: Engine, ids, cache=None):
+    out = e.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def prefill(e: Engine, ids):
+    return _forward(e, ids)
+
+
+@torch.inference_mode()
+def decode(e: Engine, state, token):
+    return _forward(e, token, state)
+
+
+@torch.inference_mode()
+def generate(e: Engine, ids, n: int):
+    """Greedy generation of exactly n tokens (EOS cannot stop it early)."""
+    out = e.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + n, "generate stopped early"
+    return out
+
+
+@torch.inference_mode()
+def logits(e: Engine, ids):
+    return e.model(input_ids=ids, use_cache=False).logits.float().cpu()
+
+
+def release(e: Engine, state) -> None:
+    del state  # the DynamicCache is freed with its last reference
+
+
+def compile_count(e: Engine) -> int:
+    return 0

@@ -1,0 +1,74 @@
+"""The engine seam: eager and compiled run the same weights to the same tokens; compilation inside a
+timed window is caught; CPU dtypes are decided by measurement."""
+import pytest
+import torch
+
+from llmbench import device, engine, engine_eager, latency, measure
+from llmbench.workload import make_batch
+
+
+def _load(name, model="tiny-1b", **kw):
+    req = dict(engine=name, model=model, weights="synthetic", dtype="fp32", quant="none", kind="cpu", seed=3,
+               max_batch=2, max_seq=40, tokens="random")
+    return engine.load(engine.LoadRequest(**{**req, **kw}))
+
+
+def test_compiled_and_eager_agree_on_tokens_and_logits():
+    eager, comp = _load("eager"), _load("compiled")
+    ids = make_batch(2, 12, eager.cfg, 0)[0]
+    a, b = engine.generate(eager, ids, 16), engine.generate(comp, ids, 16)
+    assert a.shape == b.shape == (2, 28)
+    assert torch.equal(a, b)  # 16 greedy steps, both sequences of the batch
+    la, lb = engine.logits(eager, a), engine.logits(comp, a)
+    assert la.shape == lb.shape == (2, 28, eager.cfg.vocab_size)
+    assert float((la - lb).abs().max() / la.abs().max()) < 1e-5
+    # the decode graph was compiled once per batch size, and that time is kept apart from any sample
+    shapes = [k for k in comp.extra["compiles"] if k[0] == "decode"]
+    assert shapes and comp.compile_s > 0 and all(v > 0 for v in comp.extra["compiles"].values())
+    assert eager.weight_bytes == comp.weight_bytes and eager.read_bytes == comp.read_bytes
+    # a second decode at the same shapes compiles nothing new
+    before = measure._compiles(comp)
+    blocks, recompiles = measure.time_decode(comp, ids, "cpu", steps=3, warmup=1, repeats=2)
+    assert recompiles == 0 and measure._compiles(comp) == before and [len(b) for b in blocks] == [3, 3]
+
+
+def test_a_compilation_inside_timed_steps_is_counted_and_refused(monkeypatch):
+    e = _load("eager")
+    ids = make_batch(1, 8, e.cfg, 0)[0]
+    calls = {"n": 0}
+    real = engine_eager.decode
+
+    def decode_that_compiles(e, state, tok):
+        calls["n"] += 1
+        return real(e, state, tok)
+    monkeypatch.setattr(engine_eager, "decode", decode_that_compiles)
+    monkeypatch.setattr(engine_eager, "compile_count", lambda e: calls["n"] // 3, raising=False)
+    _, recompiles = measure.time_decode(e, ids, "cpu", steps=6, warmup=1, repeats=1)
+    assert recompiles >= 1
+    assert latency.recompile_status(recompiles).startswith("error: ")
+    assert latency.recompile_status(0) == "ok"
+
+
+def test_unknown_engine_is_one_clear_error():
+    from llmbench.errors import UserError
+    with pytest.raises(UserError, match=r"unknown engine 'vllm'; valid: eager, compiled, llamacpp"):
+        engine.module("vllm")
+
+
+def test_cpu_16bit_dtypes_follow_the_measured_matmul_rate(monkeypatch):
+    monkeypatch.setattr(device, "cpu_matmul_rates", lambda: {"fp32": 150.0, "bf16": 0.3, "fp16": 400.0})
+    got = device.usable_dtypes("cpu")
+    assert got["fp32"] == "" and got["fp16"] == ""
+    assert "bf16 matmul measured at 0.3 GFLOP/s against 150 for fp32" in got["bf16"]
+    with pytest.raises(Exception, match="valid on cpu: fp32, fp16"):
+        device.check_dtype("cpu", "bf16")
+
+
+def test_cpu_matmul_rates_are_measured_once_and_cached(monkeypatch, tmp_path):
+    from llmbench import paths
+    monkeypatch.setattr(paths, "DATA", tmp_path)
+    monkeypatch.setattr(device, "CPU_RATE_SHAPE", (16, 32, 32))
+    first = device.cpu_matmul_rates()
+    assert set(first) == {"fp32", "fp16", "bf16"} and all(v > 0 for v in first.values())
+    assert len(list((tmp_path / "cache").glob("cpu-matmul-*.json"))) == 1
+    assert device.cpu_matmul_rates() == first  # read back, not re-measured
