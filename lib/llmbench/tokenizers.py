@@ -90,7 +90,8 @@ def _shipped_file(spec: Spec) -> tuple[bytes, str]:
     entry = next((f for f in dist.files or () if str(f) == spec.file), None)
     path = dist.locate_file(spec.file)
     if entry is None or not path.is_file():
-        raise UserError(f"{spec.package} {dist.version} does not ship {spec.file}; reinstall it from requirements-data.txt")
+        raise UserError(f"{spec.package} {dist.version} does not ship {spec.file}; "
+                        "reinstall it from requirements-data.txt")
     data = path.read_bytes()
     if entry.hash is not None:
         algo, want = entry.hash.mode, entry.hash.value  # urlsafe base64 without padding (wheel RECORD format)

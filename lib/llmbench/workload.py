@@ -185,7 +185,8 @@ def figure(table: pd.DataFrame, figures_dir):
     for j, name in enumerate(names):
         g = table[table.tokenizer == name].set_index("task").loc[tasks]
         x = np.arange(len(tasks)) + (j - (len(names) - 1) / 2) * width
-        err = [(g.tokens_per_char - g.ci_low).clip(lower=0).fillna(0), (g.ci_high - g.tokens_per_char).clip(lower=0).fillna(0)]
+        err = [(g.tokens_per_char - g.ci_low).clip(lower=0).fillna(0),
+               (g.ci_high - g.tokens_per_char).clip(lower=0).fillna(0)]
         ax.bar(x, g.tokens_per_char, width, yerr=err, capsize=3, color=colors[j % len(colors)],
                label=f"{name} ({g.vocabulary.iat[0]:,} ids)")
     ax.set_xticks(np.arange(len(tasks)), [f"{t}\n{int(table[(table.task == t)].characters.iat[0]):,} chars"
@@ -193,8 +194,8 @@ def figure(table: pd.DataFrame, figures_dir):
     ax.set(ylabel="tokens per character", title="Chinese prompt corpus: tokens per character (95% CI over prompts)")
     ax.set_ylim(bottom=0)
     F.legend_below(fig, ax)
-    desc = "; ".join(f"{t}: " + ", ".join(f"{n} {table[(table.tokenizer == n) & (table.task == t)].tokens_per_char.iat[0]:.2f}"
-                                        for n in names) for t in tasks)
+    tpc = table.set_index(["tokenizer", "task"]).tokens_per_char
+    desc = "; ".join(f"{t}: " + ", ".join(f"{n} {tpc[n, t]:.2f}" for n in names) for t in tasks)
     alt = (f"Grouped bar chart of tokens per character on the project's Chinese prompt corpus, one bar per tokenizer "
            f"({', '.join(names)}) for each task and the whole corpus, with bootstrap 95% confidence whiskers. {desc}.")
     return F.save(fig, figures_dir, "tokens_per_char", alt)
@@ -260,7 +261,8 @@ def section(df: pd.DataFrame, figures_dir) -> tuple[str, pd.DataFrame, pd.DataFr
     else:
         text += "\n\nNo batch-1 TTFT records: latency per 1,000 characters is not shown."
     show = table.assign(**{"tokens/char": table.tokens_per_char.map(lambda x: f"{x:.3f}"),
-                           "95% CI": [f"{a:.3f}–{b:.3f}" if np.isfinite(a) else "" for a, b in zip(table.ci_low, table.ci_high)],
+                           "95% CI": [f"{a:.3f}–{b:.3f}" if np.isfinite(a) else ""
+                                      for a, b in zip(table.ci_low, table.ci_high)],
                            "chars/token": table.chars_per_token.map(lambda x: f"{x:.2f}"),
                            "Han share": table.han_share.map(lambda x: f"{x:.0%}")})
     show = show[["tokenizer", "vocabulary", "task", "prompts", "characters", "Han share", "tokens", "tokens/char",
@@ -302,7 +304,8 @@ def vocabulary_claim(claim, ctx) -> dict:
     ok = larger and all(lo <= r <= hi for r in ratios)
     why = "" if ok else ("the Chinese-optimized vocabulary is not the larger one" if not larger else
                          f"FLOPs per character change by {min(ratios) - 1:+.0%} to {max(ratios) - 1:+.0%}, outside "
-                         f"{lo - 1:+.0%} to {hi - 1:+.0%}: tokens per character change by {tpc['qwen'] / tpc['llama3'] - 1:+.0%}")
+                         f"{lo - 1:+.0%} to {hi - 1:+.0%}: tokens per character change by "
+                         f"{tpc['qwen'] / tpc['llama3'] - 1:+.0%}")
     return {"value": value, "verdict": "supported" if ok else "contradicted",
             "basis": "measured (tokens per character on data/prompts/zh.jsonl) and derived (2N on the exact configs)",
             "why": why}
