@@ -43,15 +43,26 @@ def _repeats(rng, trials, repeats, steps, between=1.0, within=0.5):
     return rng.normal(0, between, (trials, repeats, 1)) + rng.normal(0, within, (trials, repeats, steps))
 
 
-def test_block_bootstrap_is_wider_than_the_naive_one_on_correlated_repeats():
-    x = _repeats(np.random.default_rng(4), 1, 5, 16)[0]
-    naive = np.subtract(*stats.bootstrap_ci(x.ravel())[::-1])
-    block = np.subtract(*stats.bootstrap_ci(list(x))[::-1])
-    assert block > 2 * naive
-    s = stats.summarize(list(x))
-    assert s["ci_method"] == "block bootstrap over 5 repeats" and s["n"] == 80
-    assert s["median"] == np.median(x) and (s["ci_low"], s["ci_high"]) == stats.bootstrap_ci(list(x))
-    assert stats.summarize(x.ravel())["ci_method"] == "bootstrap"
+def test_repeat_unit_cis_are_wider_than_the_naive_one_on_correlated_repeats():
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    for repeats, method, ci in ((12, "block bootstrap over 12 repeats", stats.block_bootstrap_ci),
+                                (5, "t over 5 repeat medians", stats.repeat_t_ci)):
+        x = _repeats(np.random.default_rng(4), 1, repeats, 16)[0]
+        s = stats.summarize(list(x))
+        assert s["ci_method"] == method and s["n"] == repeats * 16 and s["median"] == np.median(x)
+        assert (s["ci_low"], s["ci_high"]) == ci(list(x))
+        assert width(ci(list(x))) > 2 * width(stats.bootstrap_ci(x.ravel()))
+        assert stats.summarize(x.ravel())["ci_method"] == "bootstrap"
+
+
+def test_repeat_t_interval_covers_the_true_median_at_the_stated_rate_with_three_repeats():
+    # 1000 simulated decode measurements of 3 repeats x 8 correlated steps, as the grids run them
+    data = _repeats(np.random.default_rng(9), 1000, 3, 8)
+    cis = np.array([stats.repeat_t_ci(list(x)) for x in data])
+    covered = np.mean((cis[:, 0] <= 0) & (0 <= cis[:, 1]))
+    assert 0.93 <= covered <= 0.985, covered
+    block = np.array([stats.block_bootstrap_ci(list(x), n_resamples=500, seed=i) for i, x in enumerate(data[:300])])
+    assert np.mean((block[:, 0] <= 0) & (0 <= block[:, 1])) < 0.85  # why 3 repeats do not get the bootstrap
 
 
 def test_block_bootstrap_covers_the_true_median_at_the_stated_rate():
@@ -77,7 +88,7 @@ def test_blocks_survive_a_record_and_one_repeat_has_no_ci():
     assert stats.regroup(r["samples"], None) == r["samples"] == stats.regroup(r["samples"], float("nan"))
     assert stats.samples_of(r) == x and stats.samples_of({"samples": [1.0, 2.0]}) == [1.0, 2.0]
     assert stats.regroup(None, None) == [] and stats.regroup(float("nan"), float("nan")) == []  # parquet gaps
-    assert r["ci_method"] == "block bootstrap over 3 repeats" and r["ci_low"] < r["median"] < r["ci_high"]
+    assert r["ci_method"] == "t over 3 repeat medians" and r["ci_low"] < r["median"] < r["ci_high"]
     one = record(samples=[[1.0, 1.1, 1.2]], metric="tpot", unit="s")
     assert np.isnan(one["ci_low"]) and one["ci_method"].startswith("none")
     flat = record(samples=[1.0, 1.2, 1.1], metric="ttft", unit="s")
@@ -86,11 +97,19 @@ def test_blocks_survive_a_record_and_one_repeat_has_no_ci():
 
 def test_ratio_of_blocked_medians_is_wider_and_flat_ratio_unchanged():
     rng = np.random.default_rng(8)
-    a, b = _repeats(rng, 1, 6, 12)[0] + 10, 2.6 * (_repeats(rng, 1, 6, 12)[0] + 10)
-    r, lo, hi = stats.ratio_of_medians(list(a), list(b))
-    r0, lo0, hi0 = stats.ratio_of_medians(a.ravel(), b.ravel())
-    assert r == r0 == np.median(b) / np.median(a)
-    assert lo < 2.6 < hi and hi - lo > 1.5 * (hi0 - lo0)
-    # a flat side counts as one-sample repeats: mixing shapes works and stays between the two
-    rm, lom, him = stats.ratio_of_medians(a.ravel(), list(b))
-    assert rm == r and hi0 - lo0 < him - lom < hi - lo
+    for repeats in (12, 4):  # block bootstrap, then the t interval on log repeat medians
+        a, b = _repeats(rng, 1, repeats, 12)[0] + 10, 2.6 * (_repeats(rng, 1, repeats, 12)[0] + 10)
+        r, lo, hi = stats.ratio_of_medians(list(a), list(b))
+        r0, lo0, hi0 = stats.ratio_of_medians(a.ravel(), b.ravel())
+        assert r == r0 == np.median(b) / np.median(a)
+        assert lo < 2.6 < hi and hi - lo > 1.5 * (hi0 - lo0)
+        # a flat side counts as one-sample repeats: mixing shapes works and stays between the two
+        rm, lom, him = stats.ratio_of_medians(a.ravel(), list(b))
+        assert rm == r and hi0 - lo0 < him - lom < hi - lo
+
+
+def test_ratio_t_interval_covers_the_true_ratio_with_three_repeats():
+    rng = np.random.default_rng(10)
+    a, b = 10 + _repeats(rng, 400, 3, 8, 0.3, 0.2), 26 + _repeats(rng, 400, 3, 8, 0.6, 0.4)
+    cis = np.array([stats.ratio_of_medians(list(x), list(y))[1:] for x, y in zip(a, b)])
+    assert 0.92 <= np.mean((cis[:, 0] <= 2.6) & (2.6 <= cis[:, 1])) <= 0.995

@@ -26,8 +26,8 @@ COLUMNS = {
     "metric": "what was measured", "unit": "unit of the statistics", "status": "ok | oom | unsupported: why | error: why",
     "n": "samples", "median": "", "mean": "", "std": "", "p90": "", "p99": "",
     "ci_low": "bootstrap 95% CI of the median", "ci_high": "", "samples": "raw samples",
-    "ci_method": "how the CI was resampled: bootstrap (independent samples) | block bootstrap over N repeats "
-                 "(whole repeats, samples within one are correlated) | none: why",
+    "ci_method": "how the CI was made: bootstrap (independent samples) | block bootstrap over N repeats | "
+                 "t over N repeat medians (fewer than 10 repeats; samples within a repeat are correlated) | none: why",
     "sample_blocks": "lengths of the repeats `samples` is cut into (None: independent samples); stats.regroup",
     "quiet": "the timed window saw no other load (noise.LIMITS); None: not watched or unreadable",
     "attempts": "times the measurement ran: disturbed windows are redone (noise.measure)",

@@ -5,17 +5,22 @@ Samples come in two shapes, and the CI respects which:
                                       percentile bootstrap resamples single samples ("bootstrap");
   a list of lists [[s11, s12, ...], ...]  one inner list per repeat (the decode steps of one repeat
                                       share a cache, a clock state, a neighbour's load: correlated):
-                                      the block bootstrap resamples whole repeats ("block bootstrap").
+                                      the repeat is the unit. From MIN_BOOTSTRAP_REPEATS repeats on,
+                                      the block bootstrap resamples whole repeats ("block bootstrap");
+                                      with fewer, a Student-t interval over the repeat medians ("t over
+                                      repeat medians"): 3 repeats allow only 10 distinct block resamples,
+                                      too few for a percentile interval to reach its stated coverage
+                                      (tests/test_stats.py simulates both).
 Resampling correlated steps one by one would treat 3 x 8 steps as 24 independent draws and give an
-interval far too narrow. A record keeps the flat `samples` and the repeat lengths `sample_blocks`, so
-`regroup` gives back the blocks and a ratio between two records resamples the same way.
-With few repeats the block interval is about the spread of the repeat medians (3 repeats allow only
-10 distinct resamples): it is honest about the between-repeat spread, not a calibrated 95%.
+interval far too narrow. A record keeps the flat `samples`
+and the repeat lengths `sample_blocks`, so `regroup` gives back the repeats and a ratio between two
+records follows the same rule (`ratio_of_medians`).
 """
 import numpy as np
 from scipy import stats as sps
 
 N_RESAMPLES = 2000
+MIN_BOOTSTRAP_REPEATS = 10  # fewer repeats: t interval over repeat medians (see above)
 
 
 def is_blocked(samples) -> bool:
@@ -55,7 +60,9 @@ def ci_method(samples) -> str:
     """How summarize() computes the CI of these samples: what a record's `ci_method` says."""
     if is_blocked(samples):
         r = sum(1 for s in samples if len(s))
-        return f"block bootstrap over {r} repeats" if r >= 2 else "none: one repeat of correlated samples"
+        if r < 2:
+            return "none: one repeat of correlated samples"
+        return f"block bootstrap over {r} repeats" if r >= MIN_BOOTSTRAP_REPEATS else f"t over {r} repeat medians"
     return "bootstrap" if np.size(samples) >= 2 else "none: one sample"
 
 
@@ -85,6 +92,23 @@ def block_bootstrap_ci(blocks, level: float = 0.95, n_resamples: int = N_RESAMPL
     return float(lo), float(hi)
 
 
+def repeat_t_ci(blocks, level: float = 0.95) -> tuple[float, float]:
+    """Pooled median +- t(level, R-1) x standard error of the R repeat medians. NaN for one repeat."""
+    meds = np.array([np.median(b) for b in blocks if len(b)])
+    if meds.size < 2:
+        return float("nan"), float("nan")
+    m = float(np.median(flatten([b for b in blocks if len(b)])))
+    h = float(sps.t.ppf((1 + level) / 2, meds.size - 1) * meds.std(ddof=1) / np.sqrt(meds.size))
+    return m - h, m + h
+
+
+def median_ci(samples, level: float = 0.95) -> tuple[float, float]:
+    """The CI of the median that ci_method(samples) names."""
+    if is_blocked(samples) and sum(1 for s in samples if len(s)) < MIN_BOOTSTRAP_REPEATS:
+        return repeat_t_ci(samples, level)
+    return bootstrap_ci(samples, level=level)
+
+
 def bootstrap_ci(samples, statistic=np.median, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI (scipy). NaN for fewer than two samples: one draw has no spread.
     Blocked samples (a list of lists) get the block bootstrap of the median."""
@@ -106,7 +130,7 @@ def summarize(samples) -> dict:
     if x.size == 0:
         nan = float("nan")
         return dict(n=0, median=nan, mean=nan, std=nan, p90=nan, p99=nan, ci_low=nan, ci_high=nan, ci_method=method)
-    lo, hi = bootstrap_ci(samples)
+    lo, hi = median_ci(samples)
     return dict(n=int(x.size), median=float(np.median(x)), mean=float(x.mean()),
                 std=float(x.std(ddof=1)) if x.size > 1 else 0.0,
                 p90=float(np.percentile(x, 90)), p99=float(np.percentile(x, 99)), ci_low=lo, ci_high=hi,
@@ -114,10 +138,11 @@ def summarize(samples) -> dict:
 
 
 def ratio_of_medians(a, b, level: float = 0.95) -> tuple[float, float, float]:
-    """median(b) / median(a) with a bootstrap CI over both independent samples.
+    """median(b) / median(a) with a CI over both independent samples, by the rule of their CIs.
 
-    Each side resamples by its own rule: whole repeats for a list of lists, single samples for a flat
-    list (a flat list is a list of one-sample repeats, so mixing the two shapes is consistent)."""
+    Two flat lists: the percentile bootstrap over single samples. Otherwise the repeat is the unit (a
+    flat list counts as one-sample repeats): the block bootstrap when both sides have at least
+    MIN_BOOTSTRAP_REPEATS repeats, else a Welch t interval on the log of the repeat medians."""
     ratio = float(np.median(flatten(b)) / np.median(flatten(a)))
     if not (is_blocked(a) or is_blocked(b)):
         a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -130,7 +155,22 @@ def ratio_of_medians(a, b, level: float = 0.95) -> tuple[float, float, float]:
     units = [[s for s in x if len(s)] if is_blocked(x) else [[v] for v in np.asarray(x, dtype=float)] for x in (a, b)]
     if min(len(u) for u in units) < 2:
         return ratio, float("nan"), float("nan")
+    if min(len(u) for u in units) < MIN_BOOTSTRAP_REPEATS:
+        return (ratio, *_log_ratio_t_ci(ratio, *units, level))
     rng = np.random.default_rng(0)
     ma, mb = (_resampled_medians(u, N_RESAMPLES, rng) for u in units)
     lo, hi = np.quantile(mb / ma, [(1 - level) / 2, (1 + level) / 2])
     return ratio, float(lo), float(hi)
+
+
+def _log_ratio_t_ci(ratio: float, a_blocks, b_blocks, level: float) -> tuple[float, float]:
+    """ratio x exp(+-t x se) with se, df from the log repeat medians of each side (Welch)."""
+    logs = [np.log([np.median(u) for u in blocks]) for blocks in (a_blocks, b_blocks)]
+    if not (ratio > 0 and all(np.isfinite(x).all() for x in logs)):
+        return float("nan"), float("nan")  # a ratio CI on the log scale needs positive values
+    v = [x.var(ddof=1) / x.size for x in logs]
+    if v[0] + v[1] == 0:
+        return ratio, ratio
+    df = (v[0] + v[1]) ** 2 / sum(vi ** 2 / (x.size - 1) for vi, x in zip(v, logs))
+    h = float(sps.t.ppf((1 + level) / 2, df) * np.sqrt(v[0] + v[1]))
+    return ratio * float(np.exp(-h)), ratio * float(np.exp(h))
