@@ -242,6 +242,18 @@ def test_rows_per_token_request_power_and_above_idle():
     assert "above_idle" not in "".join(f["metric"] for f in energy.rows(r, 6, 40, 4))
 
 
+def test_measure_rows_in_one_call(monkeypatch):
+    t0 = time.perf_counter()
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(energy_mj=lambda t: 120_000 * (t - t0)))  # 120 W
+    monkeypatch.setattr("llmbench.device.synchronize", lambda kind: None)
+    out = {f["metric"]: f for f in energy.measure_rows("cuda", lambda: time.sleep(0.02), tokens_per_call=8,
+                                                        requests_per_call=2, idle_watts=20.0, min_seconds=0.3)}
+    assert np.median(out["avg_power"]["samples"]) == pytest.approx(120, rel=1e-2)
+    assert np.median(out["avg_power_above_idle"]["samples"]) == pytest.approx(100, rel=1e-2)
+    per_token = np.median(out["energy_per_token"]["samples"])
+    assert np.median(out["energy_per_request"]["samples"]) == pytest.approx(4 * per_token)
+
+
 def test_unsupported_reading_is_one_row_saying_why():
     out = energy.rows(energy.EnergyReading(status="unsupported: no readable energy counter (x)"), 0, 10, 1)
     assert len(out) == 1 and out[0]["status"] == "unsupported: no readable energy counter (x)"

@@ -362,6 +362,13 @@ def rows(reading: EnergyReading, calls: int, tokens_per_call: int, requests_per_
     return out
 
 
+def measure_rows(kind: str, fn, tokens_per_call: int, requests_per_call: int, idle_watts: float | None = None,
+                 min_seconds: float = 5.0) -> list[dict]:
+    """measure() then rows(): the record fields of one energy window of repeated fn() calls."""
+    reading, calls = measure(kind, fn, min_seconds)
+    return rows(reading, calls, tokens_per_call, requests_per_call, idle_watts)
+
+
 def idle_rows(reading: EnergyReading) -> list[dict]:
     """Record fields of an idle window: the device's draw doing nothing (W per sub-window)."""
     if reading.status != "ok":
