@@ -186,7 +186,8 @@ def _virtual() -> str:
         flags = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
     except OSError:
         return ""
-    return "; this is a virtual machine (cpu flag 'hypervisor')" if flags and "hypervisor" in flags.group(1).split() else ""
+    vm = flags and "hypervisor" in flags.group(1).split()
+    return "; this is a virtual machine (cpu flag 'hypervisor')" if vm else ""
 
 
 def rapl_source(interval_s: float) -> Source:

@@ -85,7 +85,8 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
         r, lo, hi = ratio_of_medians(R.pooled(s), R.pooled(l))
         key.update({c: int(key[c]) for c in SHAPE if pd.notna(key[c])})
         out.append({**{k: v for k, v in key.items() if k not in ("device", "weights", "tokens")},
-                    f"{p[0]} J/token": f"{np.median(R.pooled(s)):.3g}", f"{p[1]} J/token": f"{np.median(R.pooled(l)):.3g}",
+                    f"{p[0]} J/token": f"{np.median(R.pooled(s)):.3g}",
+                    f"{p[1]} J/token": f"{np.median(R.pooled(l)):.3g}",
                     f"{p[1]}/{p[0]} J/token": R.fmt_ci(r, lo, hi), "_ratio": r, "_lo": lo, "_hi": hi})
     return pd.DataFrame(out)
 
@@ -166,7 +167,8 @@ def text(df: pd.DataFrame) -> str:
     idle = rows(df, "idle_power")
     for (kind, name), g in idle.groupby(["device", "device_name"], dropna=False):
         s = _stat(g)
-        parts.append(f"Idle draw of {name}, measured by 00_device: {R.fmt_ci(s['median'], s['ci_low'], s['ci_high'])} W "
+        watts = R.fmt_ci(s["median"], s["ci_low"], s["ci_high"])
+        parts.append(f"Idle draw of {name}, measured by 00_device: {watts} W "
                      f"({meter(g.note.iat[0])}); the *above idle* columns subtract it.")
     return " ".join(parts)
 
