@@ -41,7 +41,7 @@ def built(smoke_runs, tmp_path_factory):
 
 def test_the_planted_anomaly_is_flagged(built):
     html = (built / "index.html").read_text()
-    anomalies = html[html.index(">Anomalies<"):html.index(">Setup and provenance<")]
+    anomalies = html[html.index('id="Anomalies"'):html.index('id="Setup-and-provenance"')]
     assert "TTFT falls with prompt length" in anomalies and "tiny-1b" in anomalies
     assert f"at {(built / 'planted.txt').read_text()} tokens" in anomalies
 
