@@ -152,4 +152,5 @@ def choose_matrix(df, targets: list[dict]) -> pd.DataFrame:
         return t
     idx = [c for c in ("model", "engine", "dtype", "quant", "TTFT", "TPOT (batch 1)") if c in t]
     m = t.pivot_table(index=idx, columns="target", values="meets", aggfunc="first", sort=False)
+    m.columns.name = None
     return m.reset_index()[[*idx, *[x["name"] for x in targets]]]

@@ -489,7 +489,8 @@ def ceilings_table(df) -> pd.DataFrame:
     return pd.DataFrame({"device": d.device_name, "measure": d.metric, "dtype": d.dtype,
                          "median": d["median"].map(lambda x: f"{x:.4g}" if np.isfinite(x) else ""),
                          "95% CI": [f"{lo:.4g}–{hi:.4g}" if np.isfinite(lo) else "" for lo, hi in zip(d.ci_low, d.ci_high)],
-                         "unit": d.unit, "how": d.note, "status": d.status})
+                         "unit": d.unit.where(d.dtype != "int8", "GOP/s"),  # int8 rates are operations, not FLOPs
+                         "how": d.note, "status": d.status})
 
 
 def efficiency_table(df) -> pd.DataFrame:
