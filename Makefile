@@ -41,7 +41,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/  # root (NPU/GPU containers) needs --allow-root
 
 clean:
 	rm -rf $(VENV) data/runs/*/ figures/*.png figures/*.svg report/index.html report/*.ipynb
