@@ -540,9 +540,26 @@ def projection(models) -> pd.DataFrame:
                     pre = cm.bound_s(cm.prefill_flops(cfg, b, prompt), cm.prefill_bytes(cfg, wb, b, prompt, "bf16"), peak, bw)
                     row[f"req/s bound, batch {b}"] = b / (pre + new * step)
                 row["unconfirmed inputs"] = ", ".join(spec.get("unconfirmed") or []) or "none"
-                row["_tpot_s"], row["_key"] = tpot, key
+                row["_tpot_s"], row["_ttft_s"], row["_long_ttft_s"], row["_key"] = tpot, ttft, long_ttft, key
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def projection_text(proj) -> str:
+    """Why a short prompt's TTFT bound can equal the TPOT bound: both are the time to read the weights once."""
+    if proj.empty:
+        return "No published device spec to project onto."
+    prompt = REQUEST[0]
+    same = proj[(proj._ttft_s / proj._tpot_s - 1).abs() < 0.05]
+    text = f"A request here is a {prompt}-token prompt and {REQUEST[1]} new tokens."
+    if len(same):
+        text += (f" In {len(same)} of {len(proj)} rows the TTFT bound at {prompt} tokens equals the TPOT bound (within "
+                 f"5%): a {prompt}-token prefill is still bandwidth bound on those devices, because reading the weights "
+                 f"once takes longer than its 2N x {prompt} FLOPs at the peak rate; both bounds are then the weight-read "
+                 f"time.")
+        longer = (proj._long_ttft_s > 1.05 * proj._tpot_s).sum()
+        text += f" At {LONG_PROMPT} tokens the compute term exceeds the weight-read time in {longer} of {len(proj)} rows."
+    return text
 
 
 # --- Chinese tokenization -----------------------------------------------------------------------------
