@@ -19,7 +19,7 @@ import torch
 
 from llmbench import ceilings, engine
 from llmbench import costmodel as cm
-from llmbench.device import DTYPES, empty_cache, pick_device, torch_device, usable_dtypes
+from llmbench.device import DTYPES, empty_cache, fastest_dtype, pick_device, torch_device
 from llmbench.errors import UserError, check_choice
 from llmbench.measure import time_decode
 from llmbench.quant import Unsupported
@@ -27,11 +27,6 @@ from llmbench.stats import flatten, ratio_of_medians
 from llmbench.workload import make_batch
 
 MODELS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
-
-
-def fastest_dtype(kind: str) -> str:
-    """bf16 where it is usable on this device (measured on the CPU), else fp32."""
-    return "bf16" if not usable_dtypes(kind)["bf16"] else "fp32"
 
 
 def bench_one(name, eng, dtype, kind, context, steps, repeats, gen_tokens):

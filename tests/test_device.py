@@ -23,8 +23,11 @@ def test_unknown_and_unavailable_devices_name_the_value_and_the_choices():
     assert not ok and "torch_npu" in why
 
 
-def test_dtype_checks_per_device():
+def test_dtype_checks_per_device(monkeypatch):
+    # a CPU without a native 16-bit path (measured rates of an AVX2-only EPYC)
+    monkeypatch.setattr(device, "cpu_matmul_rates", lambda: {"fp32": 150.0, "fp16": 0.3, "bf16": 0.3})
     device.check_dtype("cpu", "fp32")
+    assert device.fastest_dtype("cpu") == "fp32"
     with pytest.raises(UserError, match=r"dtype 'bf16' cannot run on cpu.*valid on cpu: fp32"):
         device.check_dtype("cpu", "bf16")
     with pytest.raises(UserError, match=r"unknown dtype 'int3'"):

@@ -76,13 +76,64 @@ def backend(kind: str):
     return getattr(torch, kind)
 
 
+def cpu_flags() -> set[str]:
+    try:
+        m = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        return set(m.group(1).split()) if m else set()
+    except OSError:
+        return set()
+
+
+CPU_RATE_SHAPE = (256, 2048, 2048)  # a prefill-sized matmul: tokens x hidden @ hidden x hidden
+
+
+def cpu_matmul_rates() -> dict[str, float]:
+    """GFLOP/s of a prefill-sized matmul per dtype on this CPU, measured once per machine and torch
+    version (cached under data/cache/): whether bf16/fp16 are fast depends on the CPU (AMX, AVX512-BF16)
+    and the torch build, so it is measured, never assumed."""
+    import json
+    from . import paths
+    key = re.sub(r"[^\w.-]+", "_", f"{cpu_model()}-{torch.get_num_threads()}t-torch{torch.__version__}")
+    cache = paths.DATA / "cache" / f"cpu-matmul-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    m, k, n = CPU_RATE_SHAPE
+    rates = {}
+    for name, dt in DTYPES.items():
+        a, b = torch.rand(m, k).to(dt), torch.rand(k, n).to(dt)
+        a @ b  # warm-up
+        best, budget = float("inf"), time.perf_counter() + 2.0  # a slow dtype gets two seconds, not minutes
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() > budget:
+                break
+        rates[name] = 2 * m * k * n / best / 1e9
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(rates))
+    return rates
+
+
 def usable_dtypes(kind: str) -> dict[str, str]:
-    """dtype name -> "" if usable on this device kind, else the reason it is not."""
+    """dtype name -> "" if usable on this device kind, else the reason it is not.
+
+    On the CPU a 16-bit dtype is usable when its measured matmul rate is at least half of fp32's
+    (on CPUs without a native path it runs hundreds of times slower, which would time a fallback)."""
     if kind == "cpu":
-        slow = "no fast kernel on this CPU (bf16 matmul measured at ~0.3 GFLOP/s); use fp32, or int8 via quant"
-        return {"fp32": "", "fp16": slow, "bf16": slow}
+        rates, flags = cpu_matmul_rates(), cpu_flags()
+        have = ", ".join(f for f in ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16") if f in flags) or "none"
+        return {name: "" if name == "fp32" or rates[name] >= 0.5 * rates["fp32"] else
+                f"no fast kernel on this CPU: {name} matmul measured at {rates[name]:.3g} GFLOP/s against "
+                f"{rates['fp32']:.3g} for fp32 (16-bit CPU flags: {have})" for name in DTYPES}
     bf16 = getattr(backend(kind), "is_bf16_supported", lambda: True)()
     return {"fp32": "", "fp16": "", "bf16": "" if bf16 else f"this {kind} device has no bf16 (e.g. Ascend 910A, 310P)"}
+
+
+def fastest_dtype(kind: str) -> str:
+    """bf16 where it is usable on this device (measured on the CPU), else fp16 on accelerators, else fp32."""
+    usable = usable_dtypes(kind)
+    return next(d for d in ("bf16", "fp16", "fp32") if not usable[d] and (d != "fp16" or kind != "cpu"))
 
 
 def check_dtype(kind: str, dtype: str) -> None:
@@ -207,6 +258,7 @@ def describe(kind: str) -> dict:
     import transformers
     info = {
         "device": kind,
+        "host": platform.node(),  # with device_name, the key of this device's ceilings (ceilings.this_device)
         "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "host_memory_bytes": int(re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)

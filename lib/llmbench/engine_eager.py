@@ -15,7 +15,11 @@ from .engine import Engine, LoadRequest
 def build(req: LoadRequest, name: str, convert=None) -> Engine:
     """Load weights, convert them to the engine's module (sharing tensors), quantize; no compile."""
     from .models import load_config, load_model, load_tokenizer
-    from .quant import KERNELS, quantize, streamed_weight_bytes, weight_bytes
+    from .device import usable_dtypes
+    from .quant import KERNELS, Unsupported, quantize, streamed_weight_bytes, weight_bytes
+    why = usable_dtypes(req.kind)[req.dtype]
+    if why:
+        raise Unsupported(f"dtype {req.dtype} on {req.kind}: {why}")
     model, info = load_model(req.model, req.weights, req.dtype, req.kind, req.seed)
     if convert is not None:
         model = convert(model)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import RUN_ID_KEYS
 from .errors import UserError
 from .params import RESERVED, check_value, declared
 
@@ -82,8 +83,7 @@ def _expand(path, nb, where_nb, decl, block, shared, used_shared) -> list[dict]:
                 _fail(path, where, str(e))
     keys = list(lists)
     swept = [k for k in keys if len(lists[k][1]) > 1]
-    shown = [k for k in ("model", "dtype", "quant", "methods") if k in keys] + [k for k in swept if k not in
-                                                                                ("model", "dtype", "quant")]
+    shown = [k for k in RUN_ID_KEYS if k in keys] + [k for k in swept if k not in RUN_ID_KEYS]
     points = []
     for combo in itertools.product(*(lists[k][1] for k in keys)):
         params = dict(zip(keys, combo))

@@ -62,7 +62,7 @@ def _weights(name, v):
 
 RULES = {
     "model": lambda n, v: _choice(model_names())(n, v),
-    "device": _choice(DEVICES), "dtype": _choice(list(DTYPES)), "quant": _choice(METHODS),
+    "device": _choice(DEVICES), "dtype": _choice([*DTYPES, "auto"]), "quant": _choice(METHODS),
     "methods": _choice(METHODS), "weights": _weights, "tokens": _choice(TOKENS), "engine": _choice(ENGINES),
     "prompt_lens": _positive, "decode_contexts": _positive, "decode_steps": _positive, "gen_new_tokens": _positive,
     "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "prompt_len": _positive,
@@ -83,13 +83,15 @@ def check_value(notebook: str, name: str, value) -> None:
 
 
 def validate(notebook: str, scope: dict) -> dict:
-    """The validation cell: check every declared parameter found in scope; resolve the device."""
-    from .device import check_dtype, pick_device
+    """The validation cell: check every declared parameter found in scope; resolve the device and the
+    dtype "auto" (the device's fastest usable 16-bit type, else fp32). A dtype this device cannot run
+    well is not an error here: the engine load records it as "unsupported: why"."""
+    from .device import fastest_dtype, pick_device
     params = {name: scope[name] for name in declared(notebook) if name in scope}
     for name, value in params.items():
         check_value(notebook, name, value)
     if "device" in params:
         params["kind"] = pick_device(params["device"])
-        if "dtype" in params:
-            check_dtype(params["kind"], params["dtype"])
+        if params.get("dtype") == "auto":
+            params["dtype"] = fastest_dtype(params["kind"])
     return params

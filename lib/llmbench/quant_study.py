@@ -39,9 +39,9 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
                       for k, u in (("kl_mean", "nats"), ("kl_max", "nats"), ("top1_agreement", "share"),
                                    ("rel_logit_error", "ratio"))])
         if e.weights == "real" and e.tokenizer is not None:
-            ids = make_batch(1, fidelity_len * 4, e.cfg, 0, e.tokenizer)[0].to(dev)
-            add(ctx, row(ctx, [perplexity(engine.logits(e, ids), ids)], experiment="fidelity", metric="perplexity",
-                         unit="", tokens="corpus", **f))
+            ids, corpus = make_batch(1, fidelity_len * 4, e.cfg, 0, e.tokenizer)
+            add(ctx, row(ctx, [perplexity(engine.logits(e, ids.to(dev)), ids)], experiment="fidelity",
+                         metric="perplexity", unit="", tokens=corpus, **f))
         ttft = latency.prefill(ctx, e, prompt_len, warmup, repeats, seed)
         tpot = latency.decode(ctx, e, prompt_len, decode_steps, warmup, repeats, seed)
         batch_sweep.one_batch(ctx, e, batch, prompt_len, new_tokens, warmup, repeats, seed, decode_steps=decode_steps)
