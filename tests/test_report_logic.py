@@ -225,3 +225,14 @@ def test_every_figure_has_alt_text(tmp_path):
     for f in figs:
         assert f is not None and len(f.alt) > 40 and f.path.is_file()
         assert (f.path.with_suffix(".txt")).read_text().strip() == f.alt
+
+
+def test_llmbench_status_lists_the_anomalies_of_a_grid_folder(tmp_path):
+    from llmbench.records import write_json
+    run = tmp_path / "01_latency-x"
+    run.mkdir()
+    d = frame([ttft(S, 16, 0.200), ttft(S, 128, 0.050)]).drop(columns=["notebook"])
+    d.to_parquet(run / "records.parquet", index=False)
+    write_json({"run_id": "01_latency-x", "notebook": "01_latency", "status": "ok", "grid": "t"}, run / "run.json")
+    lines = A.status_lines(tmp_path)
+    assert len(lines) == 1 and lines[0].startswith("anomaly  TTFT falls with prompt length")

@@ -159,7 +159,9 @@ def throughput_range(claim, ctx):
                      f"prefill (claimed {claim['range'][r][0]:g}-{claim['range'][r][1]:g})")
         if claim["range"][r][0] > b[reading]:
             impossible.append(m)
-    value = f"Upper bounds on {spec} (int8 peak and int8 weights): " + "; ".join(parts) + f". Best here: {here or 'none'}."
+    from .ceilings import load_specs
+    value = (f"Upper bounds on the {load_specs()[spec]['name']} (int8 peak and int8 weights): " + "; ".join(parts)
+             + f". Best here: {here or 'none'}.")
     if impossible:
         return {"value": value, "verdict": BOUND, "basis": "bound (published spec)",
                 "why": f"the claimed range's low end exceeds the '{reading}' bound for {', '.join(impossible)}"}
