@@ -13,11 +13,12 @@ PIP_EXTRA ?=
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt pyproject.toml | $(BIN)/python
+$(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirements-llamacpp.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements.lock
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) --no-deps -r requirements-data.txt
 	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements-cuda.txt; fi
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	PIP_EXTRA="$(PIP_EXTRA)" $(BIN)/python -m llmbench.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" >/dev/null
 	@touch $(STAMP)
 	@echo "installed into $(VENV); Jupyter kernel '$(KERNEL)' registered"
