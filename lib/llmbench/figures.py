@@ -51,8 +51,10 @@ def legend_below(fig, axes, ncol=4):
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    if handles:
-        fig.legend([handles[lab] for lab in labels], labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+    if handles:  # top of the legend just under the lowest tick label of any axes
+        r = fig.canvas.get_renderer()
+        y0 = min(a.get_tightbbox(r).transformed(fig.transFigure.inverted()).y0 for a in np.atleast_1d(axes))
+        fig.legend([handles[lab] for lab in labels], labels, loc="upper center", bbox_to_anchor=(0.5, y0 - 0.01),
                    ncol=min(ncol, len(labels)), fontsize=8, frameon=False)
 
 
