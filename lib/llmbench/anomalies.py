@@ -112,9 +112,10 @@ def ratio_outside(ratios: pd.DataFrame) -> list[dict]:
 def check_all(df, ratios: pd.DataFrame | None = None) -> pd.DataFrame:
     if df is None or df.empty:
         return pd.DataFrame(columns=["check", "where", "detail", "run_id"])
-    rows = ttft_not_increasing(df) + below_bound(df) + wide_ci(df)
+    rows = ttft_not_increasing(df) + below_bound(df)
     if ratios is not None and len(ratios):
         rows += ratio_outside(ratios)
+    rows += wide_ci(df)  # last: the most common and the least alarming
     return pd.DataFrame(rows, columns=["check", "where", "detail", "run_id"])
 
 

@@ -41,7 +41,8 @@ def fit(points: pd.DataFrame, seed: int = 0) -> Fit | None:
     if s <= 0:
         return None
     rng = np.random.default_rng(seed)
-    samples = [np.asarray(v if v is not None and len(v) else [m], float) for v, m in zip(p.samples, y)]
+    samples = [np.asarray(v if isinstance(v, (list, tuple, np.ndarray)) and len(v) else [m], float)
+               for v, m in zip(p.samples, y)]
     boot = []
     for _ in range(N_BOOT):
         yb = np.array([np.median(rng.choice(v, v.size)) for v in samples])

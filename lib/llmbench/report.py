@@ -39,7 +39,7 @@ def config_keys(df: pd.DataFrame, drop=()) -> list[str]:
 
 def pooled(g: pd.DataFrame) -> np.ndarray:
     """All raw samples of the rows of one configuration and shape (several runs of it are pooled)."""
-    parts = [np.asarray(s, dtype=float) for s in g["samples"] if s is not None and len(s)]
+    parts = [np.asarray(s, dtype=float) for s in g["samples"] if isinstance(s, (list, tuple, np.ndarray)) and len(s)]
     return np.concatenate(parts) if parts else np.asarray(g["median"], dtype=float)
 
 
