@@ -236,3 +236,16 @@ def test_llmbench_status_lists_the_anomalies_of_a_grid_folder(tmp_path):
     write_json({"run_id": "01_latency-x", "notebook": "01_latency", "status": "ok", "grid": "t"}, run / "run.json")
     lines = A.status_lines(tmp_path)
     assert len(lines) == 1 and lines[0].startswith("anomaly  TTFT falls with prompt length")
+
+
+def test_choose_finds_the_largest_batch_whose_decode_step_meets_the_limit():
+    t1 = tpot(S)["median"]  # 42 ms per step at batch 1
+    sweep = [rec("decode_tokens_per_s", b / (t1 * f), S, unit="tokens/s", experiment="batch", batch=b,
+                 notebook="02_batch_sweep", spread=0) for b, f in ((1, 1.0), (2, 1.1), (4, 1.5))]
+    sweep += [rec("peak_memory", 3e9 + b * 1e8, S, unit="bytes", experiment="batch", batch=b,
+                  notebook="02_batch_sweep", spread=0) for b in (1, 2, 4)]
+    d = pd.concat([study(), frame(sweep)])
+    t = CH.choose(d, [{"name": "limit", "ttft_s": 2.0, "tpot_s": 1.2 * t1}])
+    row = t[(t.model == S)].iloc[0]
+    assert row["largest batch within TPOT"] == 2  # batch 4's step takes 1.5x: over the limit
+    assert row["decode tokens/s"] == f"{2 / (t1 * 1.1):.3g}" and row["peak memory"] == "3.2 GB"
