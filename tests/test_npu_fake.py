@@ -40,7 +40,7 @@ def test_npu_describe_and_dtypes(fake_npu):
     info = device.describe("npu")
     assert info["device_name"] == "Ascend910B2" and info["torch_npu"] == "2.13.0-fake"
     device.check_dtype("npu", "bf16")
-    npu.bf16 = False  # a 910A or 310P
+    npu.chip = "Ascend910A"  # first-generation 910: no bf16
     with pytest.raises(UserError, match=r"no bf16.*valid on npu: fp32, fp16"):
         device.check_dtype("npu", "bf16")
 

@@ -27,9 +27,14 @@ KERNELS = {
     ("cpu", "w4a16"): "aten._weight_int4pack_mm_for_cpu (uint4 group-wise weights with zero points)",
     ("cuda", "w8a16"): "torchao Int8WeightOnlyConfig", ("cuda", "w8a8"): "torchao Int8DynamicActivationInt8WeightConfig",
     ("cuda", "w4a16"): "torchao Int4WeightOnlyConfig",
-    ("npu", "w8a16"): "torch_npu.npu_weight_quant_batchmatmul (int8 per-channel)",
-    ("npu", "w8a8"): "torch_npu.npu_dynamic_quant + npu_quant_matmul (per-token activations)",
-    ("npu", "w4a16"): "torch_npu.npu_weight_quant_batchmatmul with int4-packed group-wise weights",
+    # The NPU kernels take K, N <= 65535: every layer splits N into chunks of at most 65,535 columns (the LM head,
+    # N = 128,256, runs as 2 calls of 64,128) and concatenates; the LM head stays quantized (quant_npu.py).
+    ("npu", "w8a16"): "torch_npu.npu_weight_quant_batchmatmul (int8 per-channel; N split into chunks <= 65535, "
+                      "LM head quantized, 2 calls)",
+    ("npu", "w8a8"): "torch_npu.npu_dynamic_quant + npu_quant_matmul (per-token activations; N split into chunks "
+                     "<= 65535, LM head quantized, 2 calls)",
+    ("npu", "w4a16"): "torch_npu.npu_weight_quant_batchmatmul with int4-packed group-wise weights (N split into "
+                      "chunks <= 65535, LM head quantized, 2 calls)",
 }
 
 
@@ -147,11 +152,19 @@ def _quantize_cuda(model, method, dtype):
 def _quantize_npu(model, method, dtype):
     if dtype not in ("fp16", "bf16"):
         raise Unsupported(f"torch_npu quantized matmuls take fp16/bf16 activations, not {dtype}")
+    why = quant_npu.method_refusal(quant_npu.chip_name(), method, dtype)  # gate on the exact chip name
+    if why:
+        raise Unsupported(why)
+    ks = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
+    if max(ks, default=0) > quant_npu.MAX_KN:  # N is split into chunks; K cannot be
+        raise Unsupported(f"in_features {max(ks)} exceeds the NPU kernels' K limit of {quant_npu.MAX_KN}")
     if method == "w8a16":
         return replace_linears(model, quant_npu.NpuW8A16Linear)
     if method == "w8a8":
         return replace_linears(model, quant_npu.NpuW8A8Linear)
-    g = group_size(model)
+    g = quant_npu.group_size(ks, (GROUP_SIZE, 64, 32))
+    if g is None:
+        raise Unsupported(f"no int4 group of 128, 64 or 32 divides every in_features {sorted(ks)} and lies in [32, K-1]")
     return replace_linears(model, lambda lin: quant_npu.NpuW4A16Linear(lin, g))
 
 

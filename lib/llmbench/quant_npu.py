@@ -1,4 +1,4 @@
-"""Quantized Linear layers on Ascend NPU, built only from documented torch_npu ops (see FACTS.md s.4).
+"""Quantized Linear layers on Ascend NPU, built only from documented torch_npu ops, and the chips they run on.
 
 - w8a16: torch_npu.npu_weight_quant_batchmatmul(x[M,K], weight[K,N] int8, antiquant_scale[N])
 - w4a16: the same op with an int4-packed weight (npu_convert_weight_to_int4pack, 8 int4 per int32)
@@ -6,10 +6,89 @@
 - w8a8:  torch_npu.npu_dynamic_quant(x) -> (int8 x, per-token fp32 scale[M]), then
          torch_npu.npu_quant_matmul(x, weight[K,N] int8, scale[N] fp32, pertoken_scale=..., output_dtype=x.dtype)
 Weights are stored [N, K] and passed transposed, the layout the docs recommend for per-channel.
-Nothing here runs without an NPU; the tests drive it against a fake torch_npu that records calls.
+
+Both matmuls reject K or N above 65535 ("k,n shouldn't be larger than 65535", CANN
+aclnnWeightQuantBatchMatmulV2; npu_quant_matmul: "the last dim of x1 and x2 must not exceed 65535").
+The Llama LM head has N = 128,256, so every layer here splits N into chunks of at most 65,535 columns
+(the LM head: 2 x 64,128) and concatenates the outputs, as vllm-ascend does; the LM head stays
+quantized like every other Linear, and its bytes are the chunks' bytes.
+
+Sources: torch-npu 2.13.0 wheel (torch_npu/_op_plugin_docs.py, torch_npu/op_plugin/meta/_meta_registrations.py,
+torch_npu/include/torch_npu/csrc/core/npu/NpuVariables.h); Ascend/op-plugin op_plugin/ops/opapi/
+{WeightQuantBatchMatmulV2,ConvertWeightToINT4Pack,DynamicQuant,QuantMatmul}KernelNpuOpApi.cpp.
+data/torch_npu_ops.json holds the signatures; data/npu_unverified.yaml what no NPU run has confirmed.
 """
+from pathlib import Path
+
 import torch
+import yaml
 from torch import nn
+
+MAX_KN = 65535  # K and N limit of npu_weight_quant_batchmatmul and npu_quant_matmul
+CHUNK_ALIGN = 64  # chunk widths are multiples of 64 (int4 packing needs 8; 64 keeps the cube tiles whole)
+
+# Chip names exactly as torch.npu.get_device_name() returns them (torch_npu NpuVariables.cpp, SocVersion).
+# A plain "Ascend910B" is the first-generation 910 (below Ascend910B1: no bf16), not an A2 chip.
+CHIPS = {
+    "a2": ("Ascend910B1", "Ascend910B2", "Ascend910B2C", "Ascend910B3", "Ascend910B4", "Ascend910B4-1"),
+    "a3": ("Ascend910_9391", "Ascend910_9392", "Ascend910_9381", "Ascend910_9382", "Ascend910_9372",
+           "Ascend910_9362", "Ascend910_9363"),
+    "910": ("Ascend910PremiumA", "Ascend910ProA", "Ascend910A", "Ascend910ProB", "Ascend910B"),
+    "310p": ("Ascend310P1", "Ascend310P2", "Ascend310P3", "Ascend310P4", "Ascend310P5", "Ascend310P7"),
+}
+GENERATION = {name: gen for gen, names in CHIPS.items() for name in names}
+
+_NOT_910 = ("torch_npu documents its quantized matmuls for Atlas A2/A3 and the Atlas inference series (310P); "
+            "the first-generation Ascend 910 is not listed")
+_A2_A3_ONLY = "documented for Atlas A2/A3 (Ascend910B1 and later) only"
+# generation -> feature -> "" when documented, else why not. Features: bf16, the three methods, and graph
+# (torch.compile backend npugraph_ex). 310P runs w8a16 in fp16 only (its x and scale must be fp16).
+SUPPORT = {
+    "a2": {"bf16": "", "w8a16": "", "w4a16": "", "w8a8": "", "graph": ""},
+    "a3": {"bf16": "", "w8a16": "", "w4a16": "", "w8a8": "", "graph": ""},
+    "310p": {"bf16": "no bf16 on 310P",
+             "w8a16": "",
+             "w4a16": f"int4 weights and per-group scales in npu_weight_quant_batchmatmul are {_A2_A3_ONLY}",
+             "w8a8": f"npu_dynamic_quant is {_A2_A3_ONLY}, and npu_quant_matmul takes no per-token scale on 310P",
+             "graph": f"npugraph_ex graph mode is {_A2_A3_ONLY}"},
+    "910": {"bf16": "no bf16 on the first-generation Ascend 910",
+            "w8a16": _NOT_910, "w4a16": _NOT_910, "w8a8": _NOT_910,
+            "graph": f"npugraph_ex graph mode is {_A2_A3_ONLY}"},
+}
+FEATURES = tuple(SUPPORT["a2"])
+
+
+def chip_supports(chip_name: str, feature: str) -> tuple[bool, str]:
+    """(True, "") when torch_npu documents `feature` on this exact chip, else (False, why)."""
+    if feature not in FEATURES:
+        raise ValueError(f"unknown feature {feature!r}; valid: {', '.join(FEATURES)}")
+    gen = GENERATION.get(chip_name)
+    if gen is None:
+        return False, f"chip {chip_name!r} is not in llmbench's chip table ({', '.join(GENERATION)})"
+    why = SUPPORT[gen][feature]
+    return (not why), (f"{chip_name}: {why}" if why else "")
+
+
+def method_refusal(chip_name: str, method: str, dtype: str) -> str:
+    """Why `method` at activation `dtype` cannot run on this chip, or "" when it can."""
+    if dtype not in ("fp16", "bf16"):
+        return f"torch_npu quantized matmuls take fp16/bf16 activations, not {dtype}"
+    for feature in (method, "bf16") if dtype == "bf16" else (method,):
+        ok, why = chip_supports(chip_name, feature)
+        if not ok:
+            return why
+    return ""
+
+
+def chip_name() -> str:
+    """The NPU's chip name (needs torch_npu imported, which device.py does when it picks npu)."""
+    return torch.npu.get_device_name(0)
+
+
+def unverified() -> list[dict]:
+    """NPU behaviour this project follows from documentation but has not seen run (for the report's limitations)."""
+    path = Path(__file__).resolve().parents[2] / "data" / "npu_unverified.yaml"
+    return yaml.safe_load(path.read_text())["unverified"]
 
 
 def _ops():
@@ -21,59 +100,100 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
+def n_chunks(n: int) -> list[tuple[int, int]]:
+    """[start, stop) column ranges of at most MAX_KN, as few and as even as possible, widths multiples of 64."""
+    parts = -(-n // MAX_KN)
+    while True:
+        width = -(-(-(-n // parts)) // CHUNK_ALIGN) * CHUNK_ALIGN
+        if width <= MAX_KN:
+            return [(i, min(i + width, n)) for i in range(0, n, width)]
+        parts += 1
+
+
+def group_size(ks, preferred=(128, 64, 32)) -> int | None:
+    """The largest int4 group that divides every K and that the kernel accepts: a multiple of 32 in [32, K-1]."""
+    return next((g for g in preferred if all(k % g == 0 and g <= k - 1 for k in ks)), None)
+
+
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q [N,K] int8, scale [N] fp32)."""
-    scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127
-    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    wf = w.to(torch.float32, copy=True)  # one fp32 copy (never w itself: a tied embedding), then in place
+    scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return wf.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 def int4_groupwise(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric group-wise int4 along K: (q [N,K] int32 in [-8, 7], scale [K/group, N] fp32)."""
     n, k = w.shape
-    g = w.float().reshape(n, k // group, group)
+    g = w.to(torch.float32, copy=True).reshape(n, k // group, group)
     scale = g.abs().amax(dim=2).clamp(min=1e-8) / 7  # [N, K/group]
-    q = torch.round(g / scale[..., None]).clamp(-8, 7).reshape(n, k).to(torch.int32)
+    q = g.div_(scale[..., None]).round_().clamp_(-8, 7).reshape(n, k).to(torch.int32)
     return q, scale.t().contiguous()
+
+
+def _keep(mod: nn.Module, name: str, tensors: list) -> None:
+    for i, t in enumerate(tensors):
+        mod.register_buffer(f"{name}{i}", t)
+
+
+def _chunks(mod: nn.Module, name: str) -> list:
+    return [getattr(mod, f"{name}{i}") for i in range(mod.n_chunks)]
+
+
+def _join(ys: list, x, n):
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+    return y.reshape(*x.shape[:-1], n)
 
 
 class NpuW8A16Linear(nn.Module):
     def __init__(self, lin: nn.Linear):
         super().__init__()
-        q, scale = int8_per_channel(lin.weight.detach())
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale.to(lin.weight.dtype))  # antiquant scale in the activation dtype
-        self.out_features = lin.out_features
+        w = lin.weight.detach()
+        qs = [int8_per_channel(w[a:b]) for a, b in n_chunks(lin.out_features)]  # per chunk: bounded peak memory
+        _keep(self, "weight", [q for q, _ in qs])
+        _keep(self, "scale", [s.to(w.dtype) for _, s in qs])  # antiquant scale in the activation dtype
+        self.n_chunks, self.out_features = len(qs), lin.out_features
 
     def forward(self, x):
-        y = _ops().npu_weight_quant_batchmatmul(_flat(x), self.weight.t(), self.scale)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        x2 = _flat(x)
+        ys = [_ops().npu_weight_quant_batchmatmul(x2, w.t(), s)
+              for w, s in zip(_chunks(self, "weight"), _chunks(self, "scale"))]
+        return _join(ys, x, self.out_features)
 
 
 class NpuW4A16Linear(nn.Module):
     def __init__(self, lin: nn.Linear, group: int):
         super().__init__()
-        q, scale = int4_groupwise(lin.weight.detach(), group)
-        # Pack [K, N] int32 (one int4 each) into [K, N/8]: the layout the op takes as weight.
-        self.register_buffer("weight", _ops().npu_convert_weight_to_int4pack(q.t().contiguous()))
-        self.register_buffer("scale", scale.to(lin.weight.dtype))
-        self.group, self.out_features = group, lin.out_features
+        w = lin.weight.detach()
+        packed, scales = [], []
+        for a, b in n_chunks(lin.out_features):
+            q, scale = int4_groupwise(w[a:b], group)
+            # Pack [K, n] int32 (one int4 each) into [K, n/8]: the layout the op takes as weight.
+            packed.append(_ops().npu_convert_weight_to_int4pack(q.t().contiguous()))
+            scales.append(scale.to(w.dtype))
+        _keep(self, "weight", packed)
+        _keep(self, "scale", scales)
+        self.group, self.n_chunks, self.out_features = group, len(packed), lin.out_features
 
     def forward(self, x):
-        y = _ops().npu_weight_quant_batchmatmul(_flat(x), self.weight, self.scale,
-                                                antiquant_group_size=self.group)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        x2 = _flat(x)
+        ys = [_ops().npu_weight_quant_batchmatmul(x2, w, s, antiquant_group_size=self.group)
+              for w, s in zip(_chunks(self, "weight"), _chunks(self, "scale"))]
+        return _join(ys, x, self.out_features)
 
 
 class NpuW8A8Linear(nn.Module):
     def __init__(self, lin: nn.Linear):
         super().__init__()
-        q, scale = int8_per_channel(lin.weight.detach())
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale)  # fp32: valid with per-token scales for fp16 and bf16 output
-        self.out_features = lin.out_features
+        w = lin.weight.detach()
+        qs = [int8_per_channel(w[a:b]) for a, b in n_chunks(lin.out_features)]
+        _keep(self, "weight", [q for q, _ in qs])
+        _keep(self, "scale", [s for _, s in qs])  # fp32: valid with per-token scales for fp16 and bf16 output
+        self.n_chunks, self.out_features = len(qs), lin.out_features
 
     def forward(self, x):
         ops = _ops()
-        xq, x_scale = ops.npu_dynamic_quant(_flat(x))
-        y = ops.npu_quant_matmul(xq, self.weight.t(), self.scale, pertoken_scale=x_scale, output_dtype=x.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        xq, x_scale = ops.npu_dynamic_quant(_flat(x))  # once: every chunk shares the quantized activations
+        ys = [ops.npu_quant_matmul(xq, w.t(), s, pertoken_scale=x_scale, output_dtype=x.dtype)
+              for w, s in zip(_chunks(self, "weight"), _chunks(self, "scale"))]
+        return _join(ys, x, self.out_features)
