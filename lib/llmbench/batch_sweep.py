@@ -8,9 +8,10 @@ is recorded without being run, and the largest batch that fits is predicted from
 footprint; on accelerators it is tried (short prefill + decode steps, doubling until out of memory).
 """
 from . import costmodel as cm
+from . import energy, engine, noise
 from .device import empty_cache, free_memory, is_oom, torch_device
 from .latency import generate_cost, recompile_status
-from .measure import time_decode, time_generate, time_prefill, with_peak_memory
+from .measure import time_decode, time_generate, time_prefill, watched
 from .session import add, add_compile_times, config_fields, row
 from .workload import make_batch
 
@@ -59,10 +60,10 @@ def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_l
                               "available (not run)")
         return
     try:
-        (pre, pre_rc), _, _ = with_peak_memory(lambda: time_prefill(e, ids, kind, warmup, repeats), kind)
-        (blocks, dec_rc), _, _ = with_peak_memory(
+        (pre, pre_rc), _, _, pre_c = watched(lambda: time_prefill(e, ids, kind, warmup, repeats), kind)
+        (blocks, dec_rc), _, _, dec_c = watched(
             lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), kind)
-        (gen, gen_rc), peak, label = with_peak_memory(lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), kind)
+        (gen, gen_rc), peak, label, gen_c = watched(lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), kind)
     except Exception as exc:
         if not is_oom(exc):
             raise
@@ -75,23 +76,28 @@ def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_l
     ctx_mid = prompt_len + warmup + decode_steps // 2
     add(ctx, [row(ctx, pre, flops=cm.prefill_flops(e.cfg, b, prompt_len),
                   nbytes=cm.prefill_bytes(e.cfg, e.read_bytes, b, prompt_len, e.dtype), compute_dtype=e.compute_dtype,
-                  experiment="batch", metric="prefill_time", unit="s", status=recompile_status(pre_rc), **common),
+                  experiment="batch", metric="prefill_time", unit="s", status=recompile_status(pre_rc),
+                  **noise.fields(pre_c), **common),
               row(ctx, [b * prompt_len / t for t in pre], experiment="batch", metric="prefill_tokens_per_s",
                   unit="tokens/s", status=recompile_status(pre_rc), note="prompt tokens processed per second", **common),
               row(ctx, blocks, flops=cm.decode_flops(e.cfg, b, ctx_mid), nbytes=cm.decode_bytes(e.cfg, e.read_bytes, b, ctx_mid, e.dtype),
                   compute_dtype=e.compute_dtype, experiment="batch", metric="decode_step_time", unit="s",
-                  status=recompile_status(dec_rc), **common),
+                  status=recompile_status(dec_rc), **noise.fields(dec_c), **common),
               row(ctx, [[b / t for t in blk] for blk in blocks], experiment="batch", metric="decode_tokens_per_s",
                   unit="tokens/s", status=recompile_status(dec_rc), note="one new token per sequence per step", **common),
               row(ctx, gen, flops=flops, nbytes=nbytes, compute_dtype=e.compute_dtype,
                   experiment="batch", metric="generate_latency", unit="s", status=recompile_status(gen_rc),
-                  note="per-request latency: every request of the batch finishes together", **common),
+                  note="per-request latency: every request of the batch finishes together", **noise.fields(gen_c),
+                  **common),
               row(ctx, [b * new_tokens / t for t in gen], experiment="batch", metric="tokens_per_s",
                   unit="tokens/s", status=recompile_status(gen_rc), note="generated tokens only (prefill included in the time)",
                   **common),
               row(ctx, [b / t for t in gen], experiment="batch", metric="requests_per_s", unit="requests/s",
                   status=recompile_status(gen_rc), **common),
               row(ctx, [peak], experiment="batch", metric="peak_memory", unit="bytes", note=label, **common)])
+    # Energy over a window of whole generates at this batch ("unsupported: why" where unreadable).
+    add(ctx, [row(ctx, **f, **common) for f in energy.measure_rows(
+        kind, lambda: engine.generate(e, ids, new_tokens), b * new_tokens, b, ctx.get("idle_watts"))])
 
 
 def largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb=0.0):

@@ -5,8 +5,9 @@ compared with TTFT + (n-1) x TPOT measured on the same prompt, and peak memory. 
 interface is called, so every engine is measured by the same code.
 """
 from . import costmodel as cm
+from . import energy, engine, noise
 from .device import torch_device
-from .measure import time_decode, time_generate, time_prefill, with_peak_memory
+from .measure import time_decode, time_generate, time_prefill, watched
 from .session import add, add_compile_times, config_fields, row
 from .workload import make_batch
 
@@ -25,20 +26,20 @@ def recompile_status(n: int) -> str:
 
 def prefill(ctx, e, length, warmup, repeats, seed, batch=1):
     ids, src = ids_for(ctx, e, batch, length, seed)
-    (samples, recompiles), peak, label = with_peak_memory(
-        lambda: time_prefill(e, ids, ctx["kind"], warmup, repeats), ctx["kind"])
+    (samples, recompiles), peak, label, cond = watched(lambda: time_prefill(e, ids, ctx["kind"], warmup, repeats),
+                                                       ctx["kind"])
     common = dict(batch=batch, prompt_len=length, tokens=src, **config_fields(e))
     add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
     return add(ctx, [row(ctx, samples, flops=cm.prefill_flops(e.cfg, batch, length),
                          nbytes=cm.prefill_bytes(e.cfg, e.read_bytes, batch, length, e.dtype),
                          compute_dtype=e.compute_dtype, experiment="prefill", metric="ttft", unit="s",
-                         status=recompile_status(recompiles), **common),
+                         status=recompile_status(recompiles), **noise.fields(cond), **common),
                      row(ctx, [peak], experiment="prefill", metric="peak_memory", unit="bytes", note=label, **common)])[0]
 
 
 def decode(ctx, e, context, steps, warmup, repeats, seed, batch=1):
     ids, src = ids_for(ctx, e, batch, context, seed)
-    (blocks, recompiles), peak, label = with_peak_memory(
+    (blocks, recompiles), peak, label, cond = watched(
         lambda: time_decode(e, ids, ctx["kind"], steps=steps, warmup=warmup, repeats=repeats), ctx["kind"])
     mid = context + warmup + steps // 2  # the cache grows during the timed steps; cost at its middle
     common = dict(batch=batch, prompt_len=context, context_len=context + warmup, tokens=src, **config_fields(e))
@@ -46,7 +47,7 @@ def decode(ctx, e, context, steps, warmup, repeats, seed, batch=1):
     return add(ctx, [row(ctx, blocks, flops=cm.decode_flops(e.cfg, batch, mid),
                          nbytes=cm.decode_bytes(e.cfg, e.read_bytes, batch, mid, e.dtype),
                          compute_dtype=e.compute_dtype, experiment="decode", metric="tpot", unit="s",
-                         status=recompile_status(recompiles),
+                         status=recompile_status(recompiles), **noise.fields(cond),
                          note=f"{repeats} repeats x {steps} steps after {warmup} warm-up steps", **common),
                      row(ctx, [peak], experiment="decode", metric="peak_memory", unit="bytes", note=label, **common)])[0]
 
@@ -64,16 +65,20 @@ def generate(ctx, e, prompt_len, new_tokens, steps, warmup, repeats, seed):
     ttft = prefill(ctx, e, prompt_len, warmup, repeats, seed)
     tpot = decode(ctx, e, prompt_len, steps, warmup, repeats, seed)
     ids, src = ids_for(ctx, e, 1, prompt_len, seed)
-    samples, recompiles = time_generate(e, ids, new_tokens, ctx["kind"], warmup, repeats)
+    (samples, recompiles), _, _, cond = watched(lambda: time_generate(e, ids, new_tokens, ctx["kind"], warmup, repeats),
+                                                ctx["kind"])
     predicted = ttft["median"] + (new_tokens - 1) * tpot["median"]
     flops, nbytes = generate_cost(e.cfg, e.read_bytes, 1, prompt_len, new_tokens, e.dtype)
     common = dict(batch=1, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
     add(ctx, [row(ctx, samples, flops=flops, nbytes=nbytes, compute_dtype=e.compute_dtype, experiment="generate",
-                  metric="generate_latency", unit="s", status=recompile_status(recompiles),
+                  metric="generate_latency", unit="s", status=recompile_status(recompiles), **noise.fields(cond),
                   note=f"TTFT + (n-1) x TPOT = {predicted:.4g} s", **common),
               row(ctx, [s - predicted for s in samples], experiment="generate", metric="generate_gap", unit="s",
                   note="generate latency minus (TTFT + (n-1) x TPOT): framework overhead not in the step timings",
                   **common)])
+    # Energy over a window of whole generates (several seconds; "unsupported: why" where unreadable).
+    add(ctx, [row(ctx, **f, **common) for f in energy.measure_rows(
+        ctx["kind"], lambda: engine.generate(e, ids, new_tokens), new_tokens, 1, ctx.get("idle_watts"))])
 
 
 def agreement(ctx, e, prompt_len, new_tokens, seed):

@@ -58,6 +58,14 @@ def time_generate(e, ids, new_tokens: int, kind: str, warmup: int = 1, repeats: 
     return samples, _compiles(e) - before
 
 
+def watched(fn, kind: str):
+    """fn() as one watched measurement: redone while other processes disturb its window (noise.measure),
+    inside a peak-memory window. (result, peak bytes, what the peak measures, noise.Conditions)."""
+    from . import noise
+    (out, peak, label), cond = noise.measure(lambda: with_peak_memory(fn, kind), kind)
+    return out, peak, label, cond
+
+
 def with_peak_memory(fn, kind: str):
     """(fn(), peak bytes, what the peak measures) with the peak window opened just before fn."""
     reset_peak_memory(kind)

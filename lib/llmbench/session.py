@@ -5,7 +5,7 @@ Records are saved after every step (atomically), so a run that dies later keeps 
 import time
 from pathlib import Path
 
-from . import ceilings, paths
+from . import ceilings, energy, paths
 from .config import CONFIG_KEYS
 from .costmodel import efficiency
 from .device import describe
@@ -29,7 +29,10 @@ def start(notebook: str, params: dict, measure_ceilings: bool = True) -> dict:
     if measure_ceilings:
         dtypes = sorted({params.get("dtype", "fp32"), "fp32"})
         ctx["ceilings"], ctx["ceilings_source"] = ceilings.load_or_measure(params.get("grid_dir"), kind, dtypes)
+        device_run = None if ctx["ceilings_source"] == ceilings.IN_RUN else Path(params["grid_dir"]) / ctx["ceilings_source"]
+        ctx["idle_watts"] = energy.idle_watts(device_run)  # for energy above idle; None where unknown
     ctx["base"] = {"run_id": ctx["dir"].name, "device": kind, "device_name": info["device_name"],
+                   "ceilings_run": ctx.get("ceilings_source"),
                    **{k: params[k] for k in CONFIG_KEYS if k in params and k not in ("device", "tokens")}}
     return ctx
 
