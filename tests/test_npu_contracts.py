@@ -271,3 +271,27 @@ def test_n_chunks():
 def test_unverified_items_are_data():
     items = quant_npu.unverified()
     assert len(items) >= 3 and all({"what", "why", "source"} <= set(i) for i in items)
+
+
+# --- the fake's signatures are torch_npu's (data/torch_npu_ops.json, regenerated from the wheel) ---------
+
+def test_fake_signatures_match_torch_npu(monkeypatch):
+    import ast
+    import inspect
+    import json
+    from pathlib import Path
+    ref = json.loads((Path(__file__).resolve().parents[1] / "data" / "torch_npu_ops.json").read_text())
+    assert ref["source"]["torch_npu_version"] == "2.13.0" and len(ref["source"]["sha256"]) == 64
+    _, mod = fake_torch_npu(monkeypatch)
+    fns = {name: getattr(mod, name) for name in ref["ops"]}
+    fns["npu.get_cann_version"] = mod.npu.get_cann_version
+    for name, want in [*ref["ops"].items(), *ref["python"].items()]:
+        params = list(inspect.signature(fns[name]).parameters.values())
+        got = [(p.name, p.kind == p.KEYWORD_ONLY, None if p.default is p.empty else p.default) for p in params]
+        exp = [(a["name"], a["kwonly"], None if a["default"] is None else ast.literal_eval(a["default"]))
+               for a in want["args"]]
+        assert got == exp, name
+    # and the library calls only these ops, by these names
+    src = (Path(quant_npu.__file__)).read_text()
+    called = set(__import__("re").findall(r"\.(npu_\w+)\(", src))
+    assert called == set(ref["ops"])
