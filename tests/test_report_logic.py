@@ -112,7 +112,7 @@ def test_engine_section_computes_overhead_and_ratios():
     o = E.overhead(d)
     assert set(o.model) == {S, L} and (o["eager/compiled"] > 1).all()
     assert "overhead the compiled engine removes" in E.overhead_text(d)
-    assert "42 s" in E.compile_text(d)
+    assert "42 s over 1 shapes" in E.compile_text(d)
     assert set(E.ratio_by_engine(d).engine) == {"eager", "compiled"}
     t = E.engine_table(d)
     assert set(t.engine) == {"eager", "compiled"} and "compile time" in t
@@ -249,3 +249,29 @@ def test_choose_finds_the_largest_batch_whose_decode_step_meets_the_limit():
     row = t[(t.model == S)].iloc[0]
     assert row["largest batch within TPOT"] == 2  # batch 4's step takes 1.5x: over the limit
     assert row["decode tokens/s"] == f"{2 / (t1 * 1.1):.3g}" and row["peak memory"] == "3.2 GB"
+
+
+def test_a_ratio_resamples_the_repeats_its_records_were_measured_in():
+    g = frame([{**tpot(S), "samples": [1.0, 1.1, 1.2, 2.0, 2.1], "sample_blocks": [3, 2]}])
+    assert R.repeats(g) == [[1.0, 1.1, 1.2], [2.0, 2.1]]
+    assert list(R.repeats(frame([tpot(S)]))) == tpot(S)["samples"]  # no blocks: flat
+
+
+def test_the_batch_search_beyond_the_grid_is_reported_as_the_finding():
+    rows = [rec("generate_latency", 0.1, S, experiment="batch", batch=b, notebook="02_batch_sweep") for b in (1, 2)]
+    rows.append(rec("largest_batch_predicted", 64, S, unit="sequences", experiment="batch", batch=np.nan,
+                    notebook="02_batch_sweep", spread=0))
+    text = R.batch_text(frame(rows))
+    assert "predicted to fit the memory is 64" in text and "grid's largest batch" not in text
+
+
+def test_compiled_records_that_compiled_while_timed_are_counted_and_agreement_is_shown():
+    bad = {**tpot(S, "compiled"), "status": "error: 2 compilation(s) during the timed calls (samples include compile time)"}
+    agree = [rec("greedy_steps_equal", 16, S, engine="compiled", experiment="agreement", unit="tokens", new_tokens=16,
+                 spread=0),
+             rec("max_rel_logit_error", 3e-6, S, engine="compiled", experiment="agreement", unit="ratio", spread=0)]
+    d = pd.concat([study(("eager", "compiled")), frame([bad, *agree])])
+    t = E.engine_table(d)
+    assert t[(t.model == S) & (t.engine == "compiled")]["records that compiled while timed"].iat[0] == 1
+    a = E.agreement(d)
+    assert a["greedy tokens equal to eager"].iat[0] == "16 of 16" and a["max relative logit error"].iat[0] == "3.00e-06"

@@ -185,7 +185,7 @@ def throughput_ratio(claim, ctx):
         if not common:
             continue
         b = max(common)
-        s, l = (R.pooled(g[(g.model == m) & (g.batch == b)]) for m in MODELS)
+        s, l = (R.repeats(g[(g.model == m) & (g.batch == b)]) for m in MODELS)
         r, lo, hi = ratio_of_medians(l, s)
         lo_c, hi_c = claim["range"]
         out.append({"value": f"1B/3B {metric.replace('_', ' ')} at batch {int(b)}: {R.fmt_ci(r, lo, hi)} "
@@ -242,7 +242,7 @@ def _speedups(ctx):
             for bdt, b in base.items():
                 b = b[b.context_len == m.context_len.iat[0]]
                 if len(b):
-                    row[bdt] = ratio_of_medians(R.pooled(m), R.pooled(b))
+                    row[bdt] = ratio_of_medians(R.repeats(m), R.repeats(b))
             out.append(row)
     return out
 

@@ -10,6 +10,7 @@ import pandas as pd
 from . import report as R
 from .stats import ratio_of_medians
 
+RECOMPILED = "compilation(s) during the timed calls"  # latency.recompile_status
 LAUNCH_MBU = 0.30  # eager decode on an accelerator below this share of bandwidth: host/launch-bound
 
 
@@ -49,11 +50,11 @@ def engine_table(df) -> pd.DataFrame:
             row[f"{metric.replace('_per_s', '/s').replace('_', ' ')} by batch"] = ", ".join(
                 f"{int(b)}: {m:.3g}" for b, m in zip(per_b.batch, per_b["median"]))
         ct = _sel(R.ok(df, metric="compile_time"), cfg)
-        row["compile time"] = R.fmt_time(ct["median"].sum()) if len(ct) else ("none" if cfg.get("engine") == "eager" else "")
-        rc = _sel(df[df.metric == "recompiles"], cfg) if "metric" in df else df.iloc[0:0]
-        notes = _sel(df[df.note.fillna("").str.contains("recompil")], cfg) if "note" in df else df.iloc[0:0]
-        row["recompiles in timed steps"] = int(rc["median"].fillna(0).sum()) if len(rc) else \
-            (f"{len(notes)} noted" if len(notes) else "")
+        row["compile time"] = (f"{R.fmt_time(ct['median'].sum())} ({len(ct)} shapes)" if len(ct) else
+                               "none" if cfg.get("engine") == "eager" else "")
+        # a compilation inside timed calls makes the record an error (its samples timed a compiler): count them
+        rc = _sel(df[df.status.fillna("").str.contains(RECOMPILED, regex=False)], cfg)
+        row["records that compiled while timed"] = len(rc) if cfg.get("engine") != "eager" else ""
         if cfg.get("engine") == "eager" and cfg.get("device") in ("npu", "cuda") and R.is_finite(r.mbu) \
                 and r.mbu < LAUNCH_MBU:
             row["note"] = f"launch-bound: decode reaches {r.mbu:.0%} of bandwidth (< {LAUNCH_MBU:.0%}); host dispatch dominates"
@@ -90,7 +91,7 @@ def overhead(df) -> pd.DataFrame:
         if not common:
             continue
         e, c = e[e.context_len == common[0]], c[c.context_len == common[0]]
-        r, lo, hi = ratio_of_medians(R.pooled(c), R.pooled(e))
+        r, lo, hi = ratio_of_medians(R.repeats(c), R.repeats(e))
         rows.append({"model": model, "dtype": dtype, "context": int(common[0]),
                      "eager TPOT": R.fmt_time(np.median(R.pooled(e))), "compiled TPOT": R.fmt_time(np.median(R.pooled(c))),
                      "eager/compiled": r, "ci_low": lo, "ci_high": hi})
@@ -114,11 +115,29 @@ def overhead_text(df) -> str:
     return " ".join(parts)
 
 
+def agreement(df) -> pd.DataFrame:
+    """Compiled (or llama.cpp) against eager on the same weights and inputs: leading greedy tokens equal and
+    the max relative logit error (experiment "agreement")."""
+    d = R.ok(df, experiment="agreement") if "experiment" in df else df.iloc[0:0]
+    if d.empty:
+        return pd.DataFrame()
+    keys = [k for k in ("model", "dtype", "quant", "engine") if k in d]
+    rows = []
+    for k, g in d.groupby(keys, dropna=False):
+        same, err = g[g.metric == "greedy_steps_equal"], g[g.metric == "max_rel_logit_error"]
+        rows.append({**dict(zip(keys, k)),
+                     "greedy tokens equal to eager": (f"{int(same['median'].min())} of {int(same.new_tokens.max())}"
+                                                      if len(same) else ""),
+                     "max relative logit error": f"{err['median'].max():.2e}" if len(err) else ""})
+    return pd.DataFrame(rows)
+
+
 def compile_text(df) -> str:
     ct = R.ok(df, metric="compile_time")
     if ct.empty:
         return "No compile-time records (no compiled engine ran)."
     keys = [k for k in ("model", "dtype", "quant", "engine") if k in ct]
-    g = ct.groupby(keys)["median"].sum()
+    g = ct.groupby(keys)["median"].agg(["sum", "count", "max"])
     return ("Compile (or graph capture) time, paid once per shape and never part of warm-up or timing: "
-            + "; ".join(f"{' '.join(map(str, k))}: {R.fmt_time(v)}" for k, v in g.items()) + ".")
+            + "; ".join(f"{' '.join(map(str, k))}: {R.fmt_time(v['sum'])} over {int(v['count'])} shapes "
+                        f"(longest {R.fmt_time(v['max'])})" for k, v in g.iterrows()) + ".")

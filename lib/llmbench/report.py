@@ -43,6 +43,18 @@ def pooled(g: pd.DataFrame) -> np.ndarray:
     return np.concatenate(parts) if parts else np.asarray(g["median"], dtype=float)
 
 
+def repeats(g: pd.DataFrame):
+    """The raw samples of the rows of one configuration and shape as measured: cut into repeats where
+    every row records its `sample_blocks` (several runs' repeats pooled as repeats), else one flat list.
+    Pass these to stats.ratio_of_medians, so a ratio's CI resamples as the records' own CIs did."""
+    from .stats import regroup
+    cut = [regroup(s, b) for s, b in zip(g["samples"], g["sample_blocks"] if "sample_blocks" in g else [None] * len(g))]
+    cut = [c for c in cut if len(c)]
+    if cut and all(isinstance(c[0], list) for c in cut):
+        return [blk for c in cut for blk in c]
+    return pooled(g)
+
+
 def trend(values, lows, highs) -> str:
     """'rises', 'falls' or 'is flat' from the first to the last point, judged beyond both CIs."""
     lo0 = lows[0] if np.isfinite(lows[0]) else values[0]
@@ -190,7 +202,7 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
         for k, g in d.groupby([*keys, x], dropna=False):
             s, l = g[g.model == p[0]], g[g.model == p[1]]
             if len(s) and len(l):
-                r, lo, hi = ratio_of_medians(pooled(s), pooled(l))
+                r, lo, hi = ratio_of_medians(repeats(s), repeats(l))
                 work = max(l.flops.mean() / s.flops.mean(), l.bytes.mean() / s.bytes.mean()) \
                     if s.flops.notna().all() and l.flops.notna().all() else float("nan")
                 rows.append({"metric": metric.upper(), **dict(zip(keys, k[:-1])), "tokens": int(k[-1]),
@@ -368,10 +380,18 @@ def largest_batch(df) -> dict:
         okb = g[g.status == "ok"].batch
         oom = g[g.status.str.startswith("oom")]
         first = oom.loc[oom.batch.idxmin()] if len(oom) else None
+        found = {}
+        for metric in ("largest_batch_predicted", "largest_batch_tried"):  # the search past the grid (02)
+            f = df[(df.notebook == "02_batch_sweep") & (df.metric == metric) & (df.status == "ok")]
+            for key, v in zip(keys, k if isinstance(k, tuple) else (k,)):
+                f = f[f[key] == v] if key in f else f
+            if len(f):
+                found[metric] = int(f["median"].max())
         out[k if isinstance(k, tuple) else (k,)] = {
             "keys": keys, "largest_ok": int(okb.max()) if len(okb) else None,
             "first_oom": int(first.batch) if first is not None else None,
-            "predicted": first is not None and "predicted" in first.status, "tried": int(g.batch.max())}
+            "predicted": first is not None and "predicted" in first.status, "tried": int(g.batch.max()),
+            "search_predicted": found.get("largest_batch_predicted"), "search_tried": found.get("largest_batch_tried")}
     return out
 
 
@@ -384,7 +404,13 @@ def batch_text(df) -> str:
     for k, v in lb.items():
         sel = ok(df, notebook="02_batch_sweep", **dict(zip(v["keys"], k)))
         name = " ".join(map(str, k))
-        if v["first_oom"]:
+        if v["search_tried"]:
+            s = (f"{name}: batches up to {v['tried']} measured; doubling past them, batch {v['search_tried']} still ran "
+                 "(prefill and a decode step)")
+        elif v["search_predicted"]:
+            s = (f"{name}: batches up to {v['tried']} measured; the largest batch predicted to fit the memory is "
+                 f"{v['search_predicted']} (cost model; not run: on a CPU a real out-of-memory kills the process)")
+        elif v["first_oom"]:
             how = "predicted from the memory model (not run: on a CPU a real out-of-memory kills the process)" \
                 if v["predicted"] else "out of memory when tried"
             s = f"{name}: largest batch that fits {v['largest_ok']}; batch {v['first_oom']} does not ({how})"
@@ -442,7 +468,8 @@ def quant_table(df) -> pd.DataFrame:
         for bdt in ("bf16", "fp16", "fp32"):
             b = base[base.dtype == bdt]
             if tp is not None and len(b) and cfg["quant"] != "none":
-                row[f"speed-up vs {bdt}"] = fmt_ci(*ratio_of_medians(tp["samples"], pooled(b))) + " x"
+                m = g[(g.metric == "tpot") & (g.status == "ok")].iloc[:1]
+                row[f"speed-up vs {bdt}"] = fmt_ci(*ratio_of_medians(repeats(m), repeats(b))) + " x"
         row["tokens/s"] = f"{tok['median']:.3g} (batch {int(tok['batch'])}, {int(tok['new_tokens'])} new)" \
             if tok is not None else ""
         for metric, label, f in (("kl_mean", "mean KL (nats)", "{:.2e}"), ("top1_agreement", "top-1 agreement", "{:.3f}"),
