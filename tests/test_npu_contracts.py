@@ -295,3 +295,35 @@ def test_fake_signatures_match_torch_npu(monkeypatch):
     src = (Path(quant_npu.__file__)).read_text()
     called = set(__import__("re").findall(r"\.(npu_\w+)\(", src))
     assert called == set(ref["ops"])
+
+
+# --- ceilings on npu: the int8 ceiling is what w8a8 runs; published specs match exact chip names ---------
+
+def test_npu_int8_ceiling_times_dynamic_quant_and_quant_matmul(monkeypatch):
+    from llmbench import ceilings
+    npu, mod = fake_torch_npu(monkeypatch)
+    monkeypatch.setattr(ceilings, "torch_device", lambda kind: "cpu")  # the fake computes on the CPU
+    r = ceilings.measure_int8_matmul("npu", (64, 256, 128), repeats=3)
+    assert r["status"] == "ok" and r["dtype"] == "int8" and len(r["samples"]) == 3
+    assert r["samples"][0] == pytest.approx(2 * 64 * 256 * 128 / 0.0125 / 1e9)  # fake events: 12.5 ms
+    names = [c[0] for c in mod.op_calls]
+    assert names.count("npu_dynamic_quant") == names.count("npu_quant_matmul") == 5  # 2 warm-up + 3 timed
+    qmm = [c[1] for c in mod.op_calls if c[0] == "npu_quant_matmul"][-1]
+    assert qmm["x2_transposed"] and qmm["pertoken"] == ((64,), torch.float32) and qmm["output_dtype"] == torch.bfloat16
+    npu.chip = "Ascend310P3"
+    r = ceilings.measure_int8_matmul("npu", (64, 256, 128))
+    assert r["status"].startswith("unsupported: Ascend310P3") and "per-token" in r["status"]
+
+
+def test_spec_for_matches_exact_chip_names():
+    from llmbench.ceilings import spec_for
+    assert spec_for("Ascend910B2")["key"] == "ascend-910b2"
+    assert spec_for("Ascend910B4")["key"] == "ascend-910b4"
+    assert spec_for("Ascend910A")["key"] == "ascend-910a"
+    assert spec_for("Ascend910B") is None  # first generation: not an A2, no bf16
+    assert spec_for("Ascend910B25") is None and spec_for("ascend910b2") is None
+    assert spec_for("NVIDIA H100 80GB HBM3")["key"] == "nvidia-h100"
+    assert spec_for("NVIDIA H100 PCIe") is None  # other bandwidth than the SXM spec
+    for key, spec in __import__("llmbench.ceilings", fromlist=["load_specs"]).load_specs().items():
+        if key.startswith("ascend"):
+            assert set(spec["names"]) <= set(quant_npu.GENERATION), key

@@ -58,11 +58,36 @@ def measure_int8_matmul(kind: str, shape: tuple[int, int, int], repeats: int = 5
         b = torch.randint(-127, 127, (k, n), dtype=torch.int8, device="cuda")
         fn, note = (lambda: torch._int_mm(a, b)), f"torch._int_mm {m}x{k} @ {k}x{n}"
     else:
-        return record(experiment="ceiling", metric="matmul_throughput", unit="GFLOP/s", dtype="int8",
-                      status=f"unsupported: int8 ceiling not implemented on {kind}")
+        fn, note = _npu_int8(m, k, n)
+        if fn is None:
+            return record(experiment="ceiling", metric="matmul_throughput", unit="GFLOP/s", dtype="int8",
+                          status=f"unsupported: {note}")
     times = _repeat(fn, kind, 2, repeats)
     return record(experiment="ceiling", metric="matmul_throughput", unit="GFLOP/s", dtype="int8", note=note,
                   samples=[2 * m * k * n / t / 1e9 for t in times])
+
+
+def _npu_int8(m: int, k: int, n: int):
+    """(fn, note) timing what w8a8 runs on npu: npu_dynamic_quant of bf16 activations, then npu_quant_matmul
+    with fp32 per-channel and per-token scales and bf16 output; or (None, why) on a chip without them."""
+    from . import quant_npu
+    chip = quant_npu.chip_name()
+    ok, why = quant_npu.chip_supports(chip, "w8a8")
+    if not ok:
+        return None, why
+    if max(k, n) > quant_npu.MAX_KN:
+        return None, f"k={k}, n={n}: npu_quant_matmul takes K, N <= {quant_npu.MAX_KN}"
+    import torch_npu
+    dev = torch_device("npu")
+    x = torch.randn(m, k, device=dev).to(torch.bfloat16)
+    w = torch.randint(-127, 127, (n, k), dtype=torch.int8, device=dev)  # [N, K], passed transposed as w8a8 does
+    scale = torch.rand(n, device=dev) / 127
+
+    def fn():
+        xq, xs = torch_npu.npu_dynamic_quant(x)
+        return torch_npu.npu_quant_matmul(xq, w.t(), scale, pertoken_scale=xs, output_dtype=torch.bfloat16)
+    return fn, (f"torch_npu.npu_dynamic_quant + npu_quant_matmul {m}x{k} @ {k}x{n} on {chip} (per-token and "
+                "per-channel fp32 scales, bf16 output; activation quantization included, as in w8a8)")
 
 
 def _with_dynamic_qconfig(lin):
@@ -122,10 +147,11 @@ def load_specs() -> dict:
 
 
 def spec_for(device_name: str) -> dict | None:
-    """The published spec whose `match` strings occur in the device name, if any."""
-    name = (device_name or "").lower().replace(" ", "")
+    """The published spec that lists this exact device name, if any. Exact: a first-generation
+    "Ascend910B" must not get an Ascend910B2's spec, nor an A100 PCIe an A100 SXM's."""
+    name = (device_name or "").strip()
     for key, spec in load_specs().items():
-        if any(m.lower().replace(" ", "") in name for m in spec.get("match", [])):
+        if name in spec.get("names", []):
             return {"key": key, **spec}
     return None
 
