@@ -35,10 +35,18 @@ def test_npu_memory_statistics(fake_npu):
     assert {"reset_peak_memory_stats", "max_memory_allocated", "mem_get_info"} <= set(npu.names())
 
 
-def test_npu_describe_and_dtypes(fake_npu):
+def test_npu_describe_and_dtypes(fake_npu, monkeypatch):
     npu, _ = fake_npu
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "2")
     info = device.describe("npu")
     assert info["device_name"] == "Ascend910B2" and info["torch_npu"] == "2.13.0-fake"
+    assert info["cann"] == "8.5.0" and info["cann_source"] == "torch_npu.npu.get_cann_version()"
+    assert info["task_queue_enable"] == "2" and info["graph_compile_backend"].startswith("npugraph_ex")
+    npu.chip = "Ascend310P3"
+    monkeypatch.delenv("TASK_QUEUE_ENABLE")
+    info = device.describe("npu")
+    assert info["task_queue_enable"] == "unset" and info["graph_compile_backend"].startswith("none: Ascend310P3")
+    npu.chip = "Ascend910B2"
     device.check_dtype("npu", "bf16")
     npu.chip = "Ascend910A"  # first-generation 910: no bf16
     with pytest.raises(UserError, match=r"no bf16.*valid on npu: fp32, fp16"):

@@ -278,6 +278,21 @@ def describe(kind: str) -> dict:
         info.update(cuda=torch.version.cuda,
                     nvidia_driver=_first_line(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     else:
-        torch_npu, _ = import_torch_npu()
-        info.update(torch_npu=getattr(torch_npu, "__version__", "unknown"), **_ascend_versions())
+        info.update(_describe_npu(info["device_name"]))
     return info
+
+
+def _describe_npu(chip: str) -> dict:
+    """torch_npu and CANN versions (CANN pairs with torch_npu), and the settings that decide whether eager
+    decode is launch-bound: TASK_QUEUE_ENABLE (asynchronous dispatch) and the graph backend this chip has."""
+    from .quant_npu import chip_supports
+    torch_npu, _ = import_torch_npu()
+    files = _ascend_versions()
+    try:
+        cann, source = torch_npu.npu.get_cann_version(), "torch_npu.npu.get_cann_version()"
+    except Exception as e:  # older torch_npu, or CANN not readable: the toolkit's version file, labelled so
+        cann, source = files.get("cann", ""), f"toolkit version file (get_cann_version failed: {type(e).__name__})"
+    graph, why = chip_supports(chip, "graph")
+    return {**files, "torch_npu": getattr(torch_npu, "__version__", "unknown"), "cann": cann, "cann_source": source,
+            "task_queue_enable": os.environ.get("TASK_QUEUE_ENABLE", "unset"),
+            "graph_compile_backend": "npugraph_ex (torch.compile; engine=compiled)" if graph else f"none: {why}"}
