@@ -18,8 +18,6 @@ torch_npu/include/torch_npu/csrc/core/npu/NpuVariables.h); Ascend/op-plugin op_p
 {WeightQuantBatchMatmulV2,ConvertWeightToINT4Pack,DynamicQuant,QuantMatmul}KernelNpuOpApi.cpp.
 data/torch_npu_ops.json holds the signatures; data/npu_unverified.yaml what no NPU run has confirmed.
 """
-from pathlib import Path
-
 import torch
 import yaml
 from torch import nn
@@ -87,8 +85,8 @@ def chip_name() -> str:
 
 def unverified() -> list[dict]:
     """NPU behaviour this project follows from documentation but has not seen run (for the report's limitations)."""
-    path = Path(__file__).resolve().parents[2] / "data" / "npu_unverified.yaml"
-    return yaml.safe_load(path.read_text())["unverified"]
+    from .paths import DATA
+    return yaml.safe_load((DATA / "npu_unverified.yaml").read_text())["unverified"]
 
 
 def _ops():
