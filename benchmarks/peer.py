@@ -11,6 +11,7 @@ Last line: ratio = llama.cpp TPOT / our TPOT (above 1: we are faster), or `faile
 """
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -62,9 +63,18 @@ def run_one(cfg: dict, timeout: int) -> dict:
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("PEER "):
             return {**json.loads(line[5:]), "wall_s": time.perf_counter() - t0}
-    how = f"killed by {signal.Signals(-p.returncode).name}" if p.returncode < 0 else f"exit status {p.returncode}"
-    tail = [ln for ln in p.stderr.splitlines() if ln.strip()][-3:]
-    return {"status": f"failed: {how}; " + " | ".join(tail)}
+    return {"status": failure(p.returncode, p.stderr)}
+
+
+def failure(returncode: int, stderr: str) -> str:
+    """Why a child died: the signal or exit status, the phase engine_llamacpp announced last (model,
+    GGUF type, backend), and the error line (faulthandler's 'Fatal Python error', or the last line)."""
+    how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exit status {returncode}"
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    phase = [ln for ln in lines if ln.startswith("llmbench llamacpp:")][-1:]
+    error = ([ln for ln in lines if ln.startswith("Fatal Python error")][-1:]
+             or [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Unsupported)\b", ln)][-1:] or lines[-1:])
+    return f"failed: {how}; " + "; ".join(phase + error)
 
 
 def median_ms(r: dict) -> float:

@@ -12,6 +12,8 @@ from llmbench.engine import LoadRequest
 from llmbench.models import load_model
 from llmbench.quant import Unsupported
 
+from conftest import ROOT
+
 
 @pytest.fixture(autouse=True)
 def gguf_cache(tmp_path_factory, monkeypatch):
@@ -166,3 +168,22 @@ def test_installed_build_is_the_pinned_one():
     assert llamacpp_build.pins()["llama-cpp-python"] == llama_cpp.__version__
     info = json.loads(llamacpp_build.BUILD_INFO.read_text())
     assert info["llama_cpp_python"] == llama_cpp.__version__ and "-DGGML_NATIVE=ON" in info["cmake_args"]
+
+
+def test_peer_names_the_type_and_backend_of_a_crash():
+    """A segfault in the child (here a real one, after the engine's phase line) costs one figure, with its reason."""
+    import subprocess
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peer
+    crash = ("from llmbench import engine_llamacpp as L; import ctypes, faulthandler; faulthandler.enable(); "
+             "L.say('llama-3.2-1b Q8_0 on CPU', 'first decode'); ctypes.string_at(0)")
+    p = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
+    why = peer.failure(p.returncode, p.stderr)
+    assert why.startswith("failed: killed by SIGSEGV; llmbench llamacpp: llama-3.2-1b Q8_0 on CPU: first decode")
+    assert "Fatal Python error: Segmentation fault" in why
+    ok = {"status": "ok", "tpot_s": [0.2, 0.3, 0.25]}
+    assert peer.best({"a": {"status": "unsupported: x"}, "b": ok})[0] == "b"
+    assert peer.best({"a": {"status": "unsupported: x"}, "b": {"status": why}})[1]["status"] == why
+    dynamo = "Traceback (most recent call last):\n  File x\ntorch._dynamo.exc.Unsupported: call_method foo\n\nSet TORCHDYNAMO_VERBOSE=1"
+    assert peer.failure(1, dynamo) == "failed: exit status 1; torch._dynamo.exc.Unsupported: call_method foo"
