@@ -1,8 +1,10 @@
 """The device's own ceilings, measured: streaming memory bandwidth and matmul throughput per dtype.
 
-Measured once per device per grid by notebooks/00_device.ipynb; other runs read them back to put
-MBU and MFU on every record. Published specs (data/devices.yaml) are kept apart and labelled so.
+Measured once per device (host and device name) per grid by notebooks/00_device.ipynb; other runs on
+the same device read them back to put MBU and MFU on every record, and name that run in `ceilings_run`.
+Published specs (data/devices.yaml) are kept apart and labelled so.
 """
+import platform
 from pathlib import Path
 
 import pandas as pd
@@ -124,22 +126,39 @@ def from_records(df: pd.DataFrame) -> dict:
             "flops": {dt: best(g) * 1e9 for dt, g in mm.groupby("dtype")}}
 
 
-def find_device_run(grid_dir, kind: str) -> Path | None:
-    """The finished 00_device run of this grid for this device kind, if any."""
-    for rj in sorted(Path(grid_dir).glob("*/run.json")):
+# `source` of ceilings that no 00_device run of this host and device provided (recorded in `ceilings_run`).
+IN_RUN = "quick-in-run"
+
+
+def this_device(kind: str) -> tuple[str, str]:
+    """(host, device name) of the device this process measures on: the key of its ceilings.
+    Called in the process that runs the measurement (the kernel), never in a scheduler's parent."""
+    from .device import backend, cpu_model
+    return platform.node(), cpu_model() if kind == "cpu" else backend(kind).get_device_name(0)
+
+
+def find_device_run(grid_dir, kind: str, host: str, device_name: str) -> Path | None:
+    """The finished 00_device run of this grid for this very device (host and device name), if any;
+    a full measurement is preferred over a quick one, then the latest. Another host's ceilings, or
+    another model of GPU on this host, would put MBU and MFU against the wrong device."""
+    found = []
+    for rj in Path(grid_dir).glob("*/run.json"):
         info = read_json(rj)
-        if info.get("notebook") == "00_device" and info.get("status") == "ok" \
-                and info.get("device", {}).get("device") == kind:
-            return rj.parent
-    return None
+        dev = info.get("device") or {}
+        if info.get("notebook") == "00_device" and info.get("status") == "ok" and dev.get("device") == kind \
+                and dev.get("host") == host and dev.get("device_name") == device_name \
+                and (rj.parent / "records.parquet").is_file():
+            found.append((not (info.get("parameters") or {}).get("quick", False), info.get("end") or "", rj.parent))
+    return max(found)[2] if found else None
 
 
 def load_or_measure(grid_dir: str, kind: str, dtypes) -> tuple[dict, str]:
-    """Ceilings from the grid's device run, or (run standalone) a quick measurement here."""
-    run = find_device_run(grid_dir, kind) if grid_dir else None
+    """Ceilings and their source: the run id of this device's 00_device run in the grid, or (none
+    there, or run standalone) IN_RUN for a quick measurement made here."""
+    run = find_device_run(grid_dir, kind, *this_device(kind)) if grid_dir else None
     if run is not None:
-        return from_records(pd.read_parquet(run / "records.parquet")), f"measured by {run.name}"
-    return from_records(pd.DataFrame(measure_all(kind, dtypes, quick=True))), "measured quickly in this run"
+        return from_records(pd.read_parquet(run / "records.parquet")), run.name
+    return from_records(pd.DataFrame(measure_all(kind, dtypes, quick=True))), IN_RUN
 
 
 def load_specs() -> dict:

@@ -62,7 +62,8 @@ def cmd_detect(args) -> int:
 
 def cmd_run(args) -> int:
     from .runner import run_grid
-    return run_grid(args.grid, force=args.force, dry_run=args.dry_run, runs_root=args.runs, strict=args.strict)
+    return run_grid(args.grid, force=args.force, dry_run=args.dry_run, runs_root=args.runs, strict=args.strict,
+                    executor=args.executor, address=args.address)
 
 
 def cmd_status(args) -> int:
@@ -120,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--force", action="store_true", help="redo finished points (old runs are kept aside)")
             s.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
             s.add_argument("--strict", action="store_true", help="refuse to start while other processes keep the machine busy")
+            s.add_argument("--executor", default="local", choices=["local", "ray"],
+                           help="local: one point after another here (default); ray: every device of a Ray cluster")
+            s.add_argument("--address", default=None, help="with --executor ray: a running cluster "
+                           "(auto, or HEAD_IP:6379); without it a local Ray instance is started")
         s.set_defaults(fn=fn)
     s = sub.add_parser("run-point", help="run one grid point (used by the runner and by schedulers)")
     s.add_argument("notebook")

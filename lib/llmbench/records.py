@@ -38,7 +38,9 @@ COLUMNS = {
     "flops": "useful FLOPs of one measured unit (cost model)", "bytes": "bytes moved by one unit (cost model)",
     "bound_s": "lower-bound time against the measured ceilings", "mbu": "bytes/s over measured bandwidth",
     "mfu": "FLOP/s over measured peak", "bound_spec_s": "lower bound against the published spec",
-    "mbu_spec": "", "mfu_spec": "", "note": "free text",
+    "mbu_spec": "", "mfu_spec": "",
+    "ceilings_run": "the 00_device run (same host and device) whose ceilings give bound_s, mbu and mfu; "
+                    "quick-in-run: none there, measured quickly by this run", "note": "free text",
 }
 
 

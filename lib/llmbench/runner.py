@@ -43,17 +43,25 @@ def is_device(point: dict) -> bool:
 
 def device_point(point: dict, host: str) -> dict:
     """A 00_device point on one host: its own run folder there, since ceilings are per device."""
-    return {**point, "run_id": f"{point['run_id']}-{safe_slug(host, 40)}", "host": host}
+    return {**point, "run_id": f"{point['run_id']}-{safe_slug(host, 40)}", "host": host, "point_id": point["run_id"]}
+
+
+def point_runs(gdir: Path, point: dict) -> list[tuple[str, dict]]:
+    """(run id, run.json) of each run of a grid point (status pending where it has none yet); a
+    00_device point has one run per host it ran on."""
+    if is_device(point) and "host" not in point:
+        runs = [(rj.parent.name, read_json(rj)) for rj in sorted(gdir.glob(f"{point['run_id']}-*/run.json"))]
+        if runs:
+            return runs
+    rj = gdir / point["run_id"] / "run.json"
+    return [(point["run_id"], read_json(rj) if rj.is_file() else {"status": "pending"})]
 
 
 def point_status(gdir: Path, point: dict) -> dict:
-    """The point's run.json, or status pending. A grid's 00_device point has one run per host: its
-    status is the first of them that is not ok, else ok; pending when it ran nowhere yet."""
-    if is_device(point) and "host" not in point:
-        runs = [read_json(rj) for rj in sorted(gdir.glob(f"{point['run_id']}-*/run.json"))]
-        return next((r for r in runs if r.get("status") != "ok"), runs[0] if runs else {"status": "pending"})
-    rj = gdir / point["run_id"] / "run.json"
-    return read_json(rj) if rj.is_file() else {"status": "pending"}
+    """The point's run.json (status pending when absent); for a 00_device point, its first run that
+    is not ok, else any of them."""
+    runs = [info for _, info in point_runs(gdir, point)]
+    return next((r for r in runs if r.get("status") != "ok"), runs[0])
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -223,7 +231,8 @@ def ordered_todo(grid: dict, gdir: Path, host: str, force: bool) -> tuple[list, 
     read this host's ceilings from its 00_device run, so the device points run, and end, first."""
     devices = [device_point(p, host) for p in grid["points"] if is_device(p)]
     rest = [p for p in grid["points"] if not is_device(p)]
-    pending = lambda pts: [p for p in pts if force or point_status(gdir, p)["status"] != "ok"]  # noqa: E731
+    def pending(points):
+        return [p for p in points if force or point_status(gdir, p)["status"] != "ok"]
     return pending(devices), pending(rest)
 
 
@@ -263,9 +272,9 @@ def status(path, runs_root=None) -> int:
     grid = load_grid(path)
     gdir = grid_dir(grid, runs_root)
     for p in grid["points"]:
-        info = point_status(gdir, p)
-        extra = f"  {info.get('error')}" if info["status"] not in ("ok", "pending") else ""
-        print(f"{info['status']:<8} {info.get('duration_s', 0) or 0:8.1f} s  {p['run_id']}{extra}")
+        for run_id, info in point_runs(gdir, p):
+            extra = f"  {info.get('error')}" if info["status"] not in ("ok", "pending") else ""
+            print(f"{info['status']:<8} {info.get('duration_s', 0) or 0:8.1f} s  {run_id}{extra}")
     if gdir.is_dir():  # anomalies in the finished runs: the report's checks (they do not change the exit code)
         from .anomalies import status_lines
         for line in status_lines(gdir):
