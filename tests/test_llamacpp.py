@@ -187,3 +187,12 @@ def test_peer_names_the_type_and_backend_of_a_crash():
     assert peer.best({"a": {"status": "unsupported: x"}, "b": {"status": why}})[1]["status"] == why
     dynamo = "Traceback (most recent call last):\n  File x\ntorch._dynamo.exc.Unsupported: call_method foo\n\nSet TORCHDYNAMO_VERBOSE=1"
     assert peer.failure(1, dynamo) == "failed: exit status 1; torch._dynamo.exc.Unsupported: call_method foo"
+
+
+def test_memory_is_rss_on_cpu_and_the_device_count_elsewhere(fake_npu):
+    e = load("tiny-1b", batch=1)
+    assert engine_llamacpp.memory(e) is None  # the experiments' process peak RSS covers it
+    e.kind = "npu"  # the fake NPU answers mem_get_info with 60 of 64 GiB free
+    used, what = engine_llamacpp.memory(e)
+    assert used == 4 * 2**30 and "mem_get_info" in what
+    engine_llamacpp.close(e)

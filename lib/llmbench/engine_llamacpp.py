@@ -283,3 +283,16 @@ def close(e: Engine) -> None:
     """Free the context and the model now rather than when the Engine is collected (unusable afterwards)."""
     e.extra["free"]()
     e.model = e.extra["ctx"] = e.extra["batch"] = None  # a later call fails in Python, not in C
+
+
+def memory(e: Engine) -> tuple[int, str] | None:
+    """Device memory for a llama.cpp point, or None on cpu (there process peak RSS measures it).
+
+    torch's allocator never sees llama.cpp's buffers, so torch.<kind>.max_memory_allocated reads ~0.
+    llama.cpp allocates weights, KV cache and compute buffers when the context is made, so the memory
+    in use on the device after load is its peak (other processes on the device are counted too)."""
+    if e.kind == "cpu":
+        return None
+    from .device import backend
+    free, total = backend(e.kind).mem_get_info()
+    return total - free, f"device memory in use ({e.kind} mem_get_info: llama.cpp's buffers, not torch's allocator)"
