@@ -32,22 +32,26 @@ def _dtype(chip):
 _models, _refs = {}, {}
 
 
+def build_real_shape(name: str):
+    """A one-layer model with the real architecture of `name` (full vocabulary), fp32, seeded."""
+    from transformers import LlamaForCausalLM
+    cfg = load_config(name)
+    cfg.num_hidden_layers = 1
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in n else p.uniform_(-0.02, 0.02)
+    model.tie_weights()
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # its buffers were left empty on meta
+    return model
+
+
 def real_shape_model(name: str):
-    """A one-layer model with the real architecture of `name` (full vocabulary), fp32, seeded; built once."""
     if name not in _models:
-        from transformers import LlamaForCausalLM
-        cfg = load_config(name)
-        cfg.num_hidden_layers = 1
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
-        model = model.to_empty(device="cpu").eval()
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.fill_(1.0) if "norm" in n else p.uniform_(-0.02, 0.02)
-        model.tie_weights()
-        model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # its buffers were left empty on meta
-        _models[name] = model
+        _models[name] = build_real_shape(name)
     return _models[name]
 
 
@@ -113,13 +117,36 @@ def test_real_llama_shapes_per_chip(monkeypatch, chip, method):
 
 
 def test_real_3b_shapes_on_a2(monkeypatch):
-    """hidden 3072 (24 heads of 128): K = 3072 in 24 int4 groups of 128, the strictest method, on an Ascend910B2."""
-    outcome, info = run_method(monkeypatch, "Ascend910B2", "w4a16", "llama-3.2-3b", tokens=3)
-    print(f"\nAscend910B2 llama-3.2-3b w4a16: {outcome} (rel. logit error {info['err']:.4f})")
-    assert outcome == "ran" and info["logits"].shape == (1, 3, 128256) and info["err"] < BOUND["w4a16"]
-    groups = {c[1]["scale"][0] for c in info["calls"] if c[0] == "npu_weight_quant_batchmatmul"}
-    assert (24, 64128) in groups and (64, 3072) in groups  # head chunks; down_proj K = 8192 in 64 groups
-    _models.pop("llama-3.2-3b"), _quantized.pop(("llama-3.2-3b", "w4a16", "bf16"))  # 3B tensors are large
+    """hidden 3072 (24 heads of 128) and its 128,256 x 3072 LM head, w8a16 on an Ascend910B2. One model, converted
+    and quantized in place after its fp32 reference (3B tensors are large; int4 at 3B: the next test)."""
+    _, mod = fake_torch_npu(monkeypatch, chip="Ascend910B2")
+    model = build_real_shape("llama-3.2-3b")
+    ids = torch.arange(3)[None] * 997 % 128256
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        replaced = quant.quantize(model.to(torch.bfloat16), "w8a16", "npu", "bf16")
+        y = model(ids).logits.float()
+    err = float((y - ref).norm() / ref.norm())
+    print(f"\nAscend910B2 llama-3.2-3b w8a16 bf16: ran (rel. logit error {err:.4f})")
+    assert len(replaced) == 8 and y.shape == (1, 3, 128256) and err < BOUND["w8a16"]
+    shapes = {c[1]["weight"][0] for c in mod.op_calls if c[0] == "npu_weight_quant_batchmatmul"}
+    assert (3072, 64128) in shapes and (8192, 3072) in shapes  # head chunks (K, N); down_proj
+
+
+@pytest.mark.parametrize("k,n", [(3072, 3072), (3072, 1024), (3072, 8192), (8192, 3072)])
+def test_w4a16_on_3b_layer_shapes(monkeypatch, k, n):
+    """Every 3B projection shape through int4 packing and group-wise scales (K = 3072: 24 groups of 128)."""
+    _, mod = fake_torch_npu(monkeypatch, chip="Ascend910B2")
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    g = quant_npu.group_size([k])
+    q = quant_npu.NpuW4A16Linear(lin, g)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    y = q(x)
+    call = mod.op_calls[-1][1]
+    assert g == 128 and call["weight"] == ((k, n // 8), torch.int32) and call["scale"] == ((k // 128, n), torch.bfloat16)
+    ref = x.float() @ lin.weight.detach().float().t()
+    assert float((y.float() - ref).norm() / ref.norm()) < 0.2
 
 
 @pytest.mark.parametrize("chip", [c for c in quant_npu.GENERATION if c not in CHIPS])
