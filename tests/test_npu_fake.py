@@ -118,3 +118,18 @@ def test_quantize_on_npu_replaces_every_linear_and_refuses_fp32(fake_npu):
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     with pytest.raises(quant.Unsupported, match="fp16/bf16 activations"):
         quant.quantize(model, "w8a8", "npu", "fp32")
+
+
+def test_torch_npu_import_failure_names_a_cuda_build_of_torch(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+    broken = types.ModuleType("torch_npu")
+    broken.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # `import torch_npu` raises ImportError
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: broken.__spec__)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    mod, why = device.import_torch_npu()
+    assert mod is None and "import torch_npu failed" in why and "CUDA build" in why
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CUDA build" not in device.import_torch_npu()[1]

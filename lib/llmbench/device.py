@@ -29,7 +29,9 @@ def import_torch_npu():
     try:
         import torch_npu
     except Exception as e:  # a missing CANN shows up as any kind of error
-        return None, f"import torch_npu failed: {type(e).__name__}: {e}"
+        hint = "" if torch.version.cuda is None else (
+            f" (torch {torch.__version__} is a CUDA build: torch_npu needs the CPU build of torch, see README 'Ascend NPU')")
+        return None, f"import torch_npu failed: {type(e).__name__}: {e}{hint}"
     return torch_npu, ""
 
 
