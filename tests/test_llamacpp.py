@@ -196,3 +196,16 @@ def test_memory_is_rss_on_cpu_and_the_device_count_elsewhere(fake_npu):
     used, what = engine_llamacpp.memory(e)
     assert used == 4 * 2**30 and "mem_get_info" in what
     engine_llamacpp.close(e)
+
+
+def test_real_safetensors_weights_export_the_same_tensors(tmp_path):
+    """The user's safetensors path: a saved model exports the tensors it holds, cached under its own key."""
+    import gguf
+    m = eager("tiny-1b")
+    m.save_pretrained(tmp_path / "w", safe_serialization=True)
+    real = gguf_export.export("tiny-1b", str(tmp_path / "w"), 0, "F32")
+    synth = gguf_export.export("tiny-1b", "synthetic", 0, "F32")
+    assert real.path != synth.path and "real-" in real.path.name
+    a = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(real.path).tensors}
+    b = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(synth.path).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
