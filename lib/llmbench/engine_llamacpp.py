@@ -113,7 +113,10 @@ def load(req: LoadRequest) -> Engine:
         import llama_cpp
     except ImportError as err:
         raise Unsupported(f"llama-cpp-python is not installed ({err}); make setup builds it") from err
-    faulthandler.enable()
+    try:  # the process's own stderr: in a Jupyter kernel sys.stderr is a stream without a file descriptor
+        faulthandler.enable(file=sys.__stderr__)
+    except (AttributeError, ValueError, OSError):
+        pass  # no usable stderr: the phase lines below still name what crashed
     _quiet_logs(llama_cpp)
     llama_cpp.llama_backend_init()
     info = build_info()
@@ -138,7 +141,8 @@ def load(req: LoadRequest) -> Engine:
     model = llama_cpp.llama_model_load_from_file(str(g.path).encode(), mp)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {g.path} ({label})")
-    n_ctx = req.max_batch * req.max_seq
+    seq_cells = -(-req.max_seq // 256) * 256  # llama.cpp pads each sequence's KV cells to a multiple of 256
+    n_ctx = req.max_batch * seq_cells
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_ctx, min(n_ctx, 512)
     cp.n_seq_max = req.max_batch
@@ -168,7 +172,8 @@ def load(req: LoadRequest) -> Engine:
     desc = (f"llama.cpp {info.get('llama_cpp_commit')} via llama-cpp-python {info['llama_cpp_python']} "
             f"(built with {flags}); "
             f"backend {backend}; GGUF {t}: {meaning}; KV cache {kv}; {cp.n_threads} threads; "
-            f"{req.max_batch} sequence(s) of {req.max_seq} tokens in one context, a batch is one llama_batch; "
+            f"{req.max_batch} sequence(s) of {seq_cells} KV cells (allocated at load) in one context, "
+            f"a batch is one llama_batch; "
             f"flash attention {fa}")
     say(label, "loaded")
     e = Engine(
@@ -178,7 +183,7 @@ def load(req: LoadRequest) -> Engine:
         tokenizer=load_tokenizer(req.weights, req.tokens), load_s=load_s, quantize_s=g.export_s, description=desc,
         max_batch=req.max_batch, max_seq=req.max_seq,
         extra={"ctx": ctx, "batch": batch, "n_vocab": n_vocab, "gguf_type": t, "gguf": str(g.path),
-               "gguf_cached": g.cached, "kv_type": kv, "backend": backend, "label": label, "build": info,
+               "gguf_cached": g.cached, "kv_type": kv, "kv_cells": n_ctx, "backend": backend, "label": label, "build": info,
                "phases": set()})
     # Freed when the Engine is dropped, as a torch engine's weights are (a notebook loads several in turn).
     e.extra["free"] = weakref.finalize(e, _free, model, ctx, batch)
