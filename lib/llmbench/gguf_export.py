@@ -42,9 +42,12 @@ class GgufFile:
 
 
 def weights_key(weights: str, seed: int) -> str:
-    """Synthetic weights are named by their seed; real ones by path, size and mtime of every safetensors file."""
-    if weights == "synthetic":
-        return f"synthetic-seed{seed}"
+    """Synthetic weights are named by their seed and generator; real ones by path, size and mtime of every safetensors file."""
+    if weights == "synthetic":  # keyed by the generator's code too: a changed generator never reuses a stale file
+        import inspect
+        from . import models
+        code = inspect.getsource(models.synthetic_model) + inspect.getsource(models._fill_synthetic)
+        return f"synthetic-seed{seed}-{hashlib.sha256(code.encode()).hexdigest()[:8]}"
     p = Path(weights).expanduser()
     files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
