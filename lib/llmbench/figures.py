@@ -58,6 +58,19 @@ def legend_below(fig, axes, ncol=4):
                    ncol=min(ncol, len(labels)), fontsize=8, frameon=False)
 
 
+def fit_whiskers(a, d, scale=1.0) -> bool:
+    """Y from 0 to 2.5x the largest median when some CI whisker reaches beyond it (a CI over three
+    repeats can span orders of magnitude and flatten every median); True when whiskers were cut."""
+    if d.empty:
+        return False
+    top = float(np.nanmax(d["median"])) * scale * 2.5
+    if np.isfinite(top) and top > 0 and float(np.nanmax(d.ci_high.fillna(0))) * scale > top:
+        a.set_ylim(0, top)
+        return True
+    a.set_ylim(bottom=0)
+    return False
+
+
 def pow2_ticks(a, values):
     v = sorted({int(x) for x in values if np.isfinite(x)})
     a.set_xscale("log", base=2)
@@ -92,7 +105,9 @@ def latency(df, figures_dir):
               title="Decode: TPOT, batch 1 (median, 95% CI)")
     for a, d, x in ((ax[0], t, "prompt_len"), (ax[1], p, "context_len")):
         pow2_ticks(a, d[x].dropna())
-        a.set_ylim(bottom=0)
+        if fit_whiskers(a, d, 1e3):
+            a.set_title(a.get_title() + "\nwhiskers cut at the axis top: the tables give every CI", fontsize=10)
+    fig.tight_layout()
     legend_below(fig, ax)
     models = ", ".join(sorted(set(t.model) | set(p.model)))
     alt = (f"Two line charts with 95% confidence bars, one color per model ({models}). Left: time to first token "
@@ -125,11 +140,14 @@ def throughput(df, figures_dir):
     oom = df[(df.notebook == "02_batch_sweep") & df.status.str.startswith("oom", na=False)]
     for _, r in oom.iterrows():
         ax[0].axvline(r.batch, color=color(r.model), ls=":", lw=1)
-    for a, (_, label, _) in zip(ax, panels):
+    cut = False
+    for a, (metric, label, scale) in zip(ax, panels):
         a.set(xlabel="batch size (requests)", ylabel=label)
         pow2_ticks(a, df[df.notebook == "02_batch_sweep"].batch.dropna())
-        a.set_ylim(bottom=0)
-    ax[0].set_title("Throughput per batch (dotted: out of memory)", fontsize=10)
+        cut |= fit_whiskers(a, d[d.metric == metric], scale)
+    ax[0].set_title("Throughput per batch (dotted: out of memory)" + ("; whiskers cut at the axis top" if cut else ""),
+                    fontsize=10)
+    fig.tight_layout()
     legend_below(fig, ax)
     batches = sorted({int(b) for b in d.batch.dropna()})
     alt = (f"Three line charts against batch size {', '.join(map(str, batches))}: {panels[0][1]}, {panels[1][1]} and "
@@ -233,7 +251,9 @@ def engines(df, figures_dir):
                color=[color(m) for m, _ in g.index], edgecolor="black",
                yerr=[(g["median"] - g.ci_low).clip(lower=0).fillna(0) * 1e3, (g.ci_high - g["median"]).clip(lower=0).fillna(0) * 1e3])
     ax.set_xticks(np.arange(len(labels)) + w * (len(engs) - 1) / 2, labels, fontsize=8)
-    ax.set(ylabel="time per output token (ms)", title="Decode TPOT per engine, batch 1 (hatching: engine)")
+    cut = fit_whiskers(ax, rows, 1e3)
+    ax.set(ylabel="time per output token (ms)", title="Decode TPOT per engine, batch 1 (hatching: engine)"
+           + ("\nwhiskers cut at the axis top: the engine table gives every CI" if cut else ""))
     legend_below(fig, ax)
     alt = (f"Grouped bar chart of batch-1 TPOT in ms for {len(labels)} model/dtype pairs, one bar per engine "
            f"({', '.join(engs)}), with 95% confidence bars.")
