@@ -275,3 +275,14 @@ def test_compiled_records_that_compiled_while_timed_are_counted_and_agreement_is
     assert t[(t.model == S) & (t.engine == "compiled")]["records that compiled while timed"].iat[0] == 1
     a = E.agreement(d)
     assert a["greedy tokens equal to eager"].iat[0] == "16 of 16" and a["max relative logit error"].iat[0] == "3.00e-06"
+
+
+def test_provenance_names_the_npu_dispatch_settings_and_noise_counts():
+    runs = [{"device": {"device": "npu", "cann": "8.1.RC1", "task_queue_enable": "2",
+                        "graph_compile_backend": "npugraph_ex (torch.compile; engine=compiled)", "cpu_threads": 8}}]
+    f = R.device_fields(runs)
+    assert "task_queue_enable = 2" in f and "cann = 8.1.RC1" in f and "npugraph_ex" in f and "cpu_threads" not in f
+    d = frame([{**tpot(S), "quiet": False, "attempts": 3, "disturbance": "steal 12%"}, {**tpot(L), "quiet": True,
+                                                                                        "attempts": 1, "disturbance": None}])
+    text = R.noise_text(d)
+    assert "1 of 2 records measured in a window that was not quiet" in text and "at most 3" in text
