@@ -262,6 +262,6 @@ def fake_npu(monkeypatch):
 def smoke_runs(tmp_path_factory):
     """The smoke grid run once, end to end through papermill, into a temporary results root."""
     root = tmp_path_factory.mktemp("runs")
-    r = cli("run", "data/grids/smoke.yaml", "--runs", root)
+    r = cli("run", "data/grids/smoke.yaml", "--runs", root, timeout=1500)
     assert r.returncode == 0, r.stdout + r.stderr
     return root

@@ -17,7 +17,9 @@ def write(tmp_path, doc, name="g.yaml"):
 
 def test_shipped_grids_are_valid_and_expand():
     sizes = {g: len(load_grid(f"data/grids/{g}.yaml")["points"]) for g in ("smoke", "cpu", "cuda", "npu")}
-    assert sizes["smoke"] == 7 and sizes["cpu"] == 8 and sizes["cuda"] > sizes["cpu"]
+    assert sizes["smoke"] == 9 and sizes["cpu"] == 15 and sizes["cuda"] > sizes["smoke"]
+    engines = {p["params"].get("engine") for p in load_grid("data/grids/cpu.yaml")["points"]}
+    assert {"eager", "compiled", "llamacpp"} <= engines  # the engine comparison is never shrunk away
     cpu = load_grid("data/grids/cpu.yaml")
     assert cpu["points"][0]["notebook"] == "00_device"  # ceilings first, reused by the rest
     ids = [p["run_id"] for p in cpu["points"]]

@@ -61,6 +61,9 @@ def test_repeat_t_interval_covers_the_true_median_at_the_stated_rate_with_three_
     cis = np.array([stats.repeat_t_ci(list(x)) for x in data])
     covered = np.mean((cis[:, 0] <= 0) & (0 <= cis[:, 1]))
     assert 0.93 <= covered <= 0.985, covered
+    # times are positive: around a true median of 10 the interval is taken on the log scale, stays positive
+    cis = np.array([stats.repeat_t_ci(list(10 * np.exp(0.05 * x))) for x in data])
+    assert (cis[:, 0] > 0).all() and 0.93 <= np.mean((cis[:, 0] <= 10) & (10 <= cis[:, 1])) <= 0.985
     block = np.array([stats.block_bootstrap_ci(list(x), n_resamples=500, seed=i) for i, x in enumerate(data[:300])])
     assert np.mean((block[:, 0] <= 0) & (0 <= block[:, 1])) < 0.85  # why 3 repeats do not get the bootstrap
 
@@ -88,7 +91,7 @@ def test_blocks_survive_a_record_and_one_repeat_has_no_ci():
     assert stats.regroup(r["samples"], None) == r["samples"] == stats.regroup(r["samples"], float("nan"))
     assert stats.samples_of(r) == x and stats.samples_of({"samples": [1.0, 2.0]}) == [1.0, 2.0]
     assert stats.regroup(None, None) == [] and stats.regroup(float("nan"), float("nan")) == []  # parquet gaps
-    assert r["ci_method"] == "t over 3 repeat medians" and r["ci_low"] < r["median"] < r["ci_high"]
+    assert r["ci_method"] == "t over 3 repeat medians (log scale)" and 0 < r["ci_low"] < r["median"] < r["ci_high"]
     one = record(samples=[[1.0, 1.1, 1.2]], metric="tpot", unit="s")
     assert np.isnan(one["ci_low"]) and one["ci_method"].startswith("none")
     flat = record(samples=[1.0, 1.2, 1.1], metric="ttft", unit="s")

@@ -60,10 +60,11 @@ def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_l
                               "available (not run)")
         return
     try:
-        (pre, pre_rc), _, _, pre_c = watched(lambda: time_prefill(e, ids, kind, warmup, repeats), kind)
+        (pre, pre_rc), _, _, pre_c = watched(lambda: time_prefill(e, ids, kind, warmup, repeats), e, kind)
         (blocks, dec_rc), _, _, dec_c = watched(
-            lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), kind)
-        (gen, gen_rc), peak, label, gen_c = watched(lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), kind)
+            lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), e, kind)
+        (gen, gen_rc), peak, label, gen_c = watched(
+            lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), e, kind)
     except Exception as exc:
         if not is_oom(exc):
             raise

@@ -96,9 +96,25 @@ def load(req: LoadRequest) -> Engine:
                    prefill=torch.compile(_prefill_step, **opts) if req.kind != "cpu" else _prefill_step,
                    compiled={"decode"} if req.kind == "cpu" else {"decode", "prefill"},
                    compiles={}, cuda_graphs=req.kind == "cuda")
+    _first_compile(e)
     e.description = (f"own static-cache Llama (llama.py, max_seq {req.max_seq}); decode: {how}; prefill: "
                      f"{'eager' if req.kind == 'cpu' else 'compiled per prompt length'}; {e.description}")
     return e
+
+
+def _first_compile(e: Engine) -> None:
+    """Compile the decode step at the load's batch size now, so that a model the compiler cannot
+    capture (e.g. a quantized Linear it cannot trace) is an "unsupported: why" record, not a crash."""
+    from .device import is_oom
+    tok = torch.zeros(e.model.max_batch, 1, dtype=torch.long, device=torch_device(e.kind))
+    try:
+        with torch.inference_mode():
+            _call(e, "decode", tok, _positions(e, 0, 1))  # writes cache slot 0, which every prefill rewrites
+    except Exception as exc:
+        if is_oom(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise Unsupported(f"torch.compile of the {e.quant} decode step failed on {e.kind}: {type(exc).__name__}: {first}")
 
 
 def _call(e: Engine, name: str, *args):

@@ -26,8 +26,8 @@ def recompile_status(n: int) -> str:
 
 def prefill(ctx, e, length, warmup, repeats, seed, batch=1):
     ids, src = ids_for(ctx, e, batch, length, seed)
-    (samples, recompiles), peak, label, cond = watched(lambda: time_prefill(e, ids, ctx["kind"], warmup, repeats),
-                                                       ctx["kind"])
+    (samples, recompiles), peak, label, cond = watched(
+        lambda: time_prefill(e, ids, ctx["kind"], warmup, repeats), e, ctx["kind"])
     common = dict(batch=batch, prompt_len=length, tokens=src, **config_fields(e))
     add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
     return add(ctx, [row(ctx, samples, flops=cm.prefill_flops(e.cfg, batch, length),
@@ -40,7 +40,7 @@ def prefill(ctx, e, length, warmup, repeats, seed, batch=1):
 def decode(ctx, e, context, steps, warmup, repeats, seed, batch=1):
     ids, src = ids_for(ctx, e, batch, context, seed)
     (blocks, recompiles), peak, label, cond = watched(
-        lambda: time_decode(e, ids, ctx["kind"], steps=steps, warmup=warmup, repeats=repeats), ctx["kind"])
+        lambda: time_decode(e, ids, ctx["kind"], steps=steps, warmup=warmup, repeats=repeats), e, ctx["kind"])
     mid = context + warmup + steps // 2  # the cache grows during the timed steps; cost at its middle
     common = dict(batch=batch, prompt_len=context, context_len=context + warmup, tokens=src, **config_fields(e))
     add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
@@ -65,8 +65,8 @@ def generate(ctx, e, prompt_len, new_tokens, steps, warmup, repeats, seed):
     ttft = prefill(ctx, e, prompt_len, warmup, repeats, seed)
     tpot = decode(ctx, e, prompt_len, steps, warmup, repeats, seed)
     ids, src = ids_for(ctx, e, 1, prompt_len, seed)
-    (samples, recompiles), _, _, cond = watched(lambda: time_generate(e, ids, new_tokens, ctx["kind"], warmup, repeats),
-                                                ctx["kind"])
+    (samples, recompiles), _, _, cond = watched(
+        lambda: time_generate(e, ids, new_tokens, ctx["kind"], warmup, repeats), e, ctx["kind"])
     predicted = ttft["median"] + (new_tokens - 1) * tpot["median"]
     flops, nbytes = generate_cost(e.cfg, e.read_bytes, 1, prompt_len, new_tokens, e.dtype)
     common = dict(batch=1, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))

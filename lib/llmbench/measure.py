@@ -58,17 +58,19 @@ def time_generate(e, ids, new_tokens: int, kind: str, warmup: int = 1, repeats: 
     return samples, _compiles(e) - before
 
 
-def watched(fn, kind: str):
+def watched(fn, e, kind: str):
     """fn() as one watched measurement: redone while other processes disturb its window (noise.measure),
     inside a peak-memory window. (result, peak bytes, what the peak measures, noise.Conditions)."""
     from . import noise
-    (out, peak, label), cond = noise.measure(lambda: with_peak_memory(fn, kind), kind)
+    (out, peak, label), cond = noise.measure(lambda: with_peak_memory(fn, kind, e), kind)
     return out, peak, label, cond
 
 
-def with_peak_memory(fn, kind: str):
-    """(fn(), peak bytes, what the peak measures) with the peak window opened just before fn."""
+def with_peak_memory(fn, kind: str, e=None):
+    """(fn(), peak bytes, what the peak measures) with the peak window opened just before fn. An engine
+    with its own device allocator (llama.cpp on cuda/npu) reports its own memory instead."""
     reset_peak_memory(kind)
     out = fn()
-    peak, label = peak_memory(kind)
+    own = getattr(engine.module(e.name), "memory", lambda e: None)(e) if e is not None and kind != "cpu" else None
+    peak, label = own or peak_memory(kind)
     return out, peak, label

@@ -85,7 +85,10 @@ def _fill_synthetic(model, cfg, seed: int) -> None:
             p.data.fill_(1.0)  # RMSNorm gains start at one
             return
         g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + i)
-        p.data.uniform_(-a, a, generator=g)
+        if p.dtype == torch.float32:
+            p.data.uniform_(-a, a, generator=g)
+        else:  # drawn in fp32 and rounded: every dtype holds the same model, so they can be compared
+            p.data.copy_(torch.empty(p.shape, dtype=torch.float32, device=p.device).uniform_(-a, a, generator=g))
 
     # uniform_ on one tensor runs on one core; filling tensors side by side uses them all.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:

@@ -62,7 +62,9 @@ def ci_method(samples) -> str:
         r = sum(1 for s in samples if len(s))
         if r < 2:
             return "none: one repeat of correlated samples"
-        return f"block bootstrap over {r} repeats" if r >= MIN_BOOTSTRAP_REPEATS else f"t over {r} repeat medians"
+        if r >= MIN_BOOTSTRAP_REPEATS:
+            return f"block bootstrap over {r} repeats"
+        return f"t over {r} repeat medians" + (" (log scale)" if (flatten(samples) > 0).all() else "")
     return "bootstrap" if np.size(samples) >= 2 else "none: one sample"
 
 
@@ -93,12 +95,18 @@ def block_bootstrap_ci(blocks, level: float = 0.95, n_resamples: int = N_RESAMPL
 
 
 def repeat_t_ci(blocks, level: float = 0.95) -> tuple[float, float]:
-    """Pooled median +- t(level, R-1) x standard error of the R repeat medians. NaN for one repeat."""
+    """Pooled median +- t(level, R-1) x standard error of the R repeat medians. NaN for one repeat.
+    Positive quantities (times, rates) are treated on a log scale, so the interval stays positive and
+    a slow repeat widens it upwards: m x / exp(t x SE of the log repeat medians)."""
     meds = np.array([np.median(b) for b in blocks if len(b)])
     if meds.size < 2:
         return float("nan"), float("nan")
     m = float(np.median(flatten([b for b in blocks if len(b)])))
-    h = float(sps.t.ppf((1 + level) / 2, meds.size - 1) * meds.std(ddof=1) / np.sqrt(meds.size))
+    t = float(sps.t.ppf((1 + level) / 2, meds.size - 1))
+    if (flatten([b for b in blocks if len(b)]) > 0).all():  # a positive quantity (a time, a rate)
+        h = t * np.log(meds).std(ddof=1) / np.sqrt(meds.size)
+        return float(m * np.exp(-h)), float(m * np.exp(h))
+    h = t * meds.std(ddof=1) / np.sqrt(meds.size)
     return m - h, m + h
 
 
