@@ -84,6 +84,13 @@ def finalize(tmp: Path, final: Path) -> None:
         pass
 
 
+def _last_phase(log: Path) -> str:
+    """The last phase line a native engine printed before the kernel died (llama.cpp names its model,
+    type and backend), so that run.json says what crashed, not only that the kernel did."""
+    lines = [ln for ln in _tail(log, 400).splitlines() if ln.startswith("llmbench llamacpp:")]
+    return f" (last phase: {lines[-1]})" if lines else ""
+
+
 def check_kernel() -> None:
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
     try:
@@ -124,7 +131,7 @@ def run_point(notebook: str, params: dict, gdir: Path, run_id: str, grid_name: s
         info.update(status="failed", error=f"{e.ename}: {e.evalue}")
     except Exception as e:  # a dead kernel, a cell timeout, a missing kernel: recorded, never raised
         kind = "timeout" if "timeout" in type(e).__name__.lower() or "timed out" in str(e).lower() else "failed"
-        info.update(status=kind, error=f"{type(e).__name__}: {str(e).strip()[:2000]}")
+        info.update(status=kind, error=f"{type(e).__name__}: {str(e).strip()[:2000]}" + _last_phase(log))
     if (tmp / "device.json").is_file():
         info["device"] = read_json(tmp / "device.json")
     info.update(end=time.strftime("%Y-%m-%dT%H:%M:%S%z"), duration_s=round(time.time() - t0, 3),
