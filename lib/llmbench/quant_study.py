@@ -19,10 +19,11 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
         warmup, repeats, seed):
     from . import batch_sweep, engine
     ref, base = None, {}
-    # One static cache fits every measurement of this notebook: the batch run, and the timed prompt.
-    seq = max(prompt_len + max(warmup, 1) + decode_steps, prompt_len + new_tokens) + 1
+    # One cache fits every measurement of this notebook: the batch run, the timed prompt and the
+    # fidelity inputs (llama.cpp's context cannot grow after load).
+    seq = max(prompt_len + max(warmup, 1) + decode_steps, prompt_len + new_tokens, fidelity_len) + 1
     for method in ["none"] + [m for m in methods if m != "none"]:
-        e = load(ctx, method, max_batch=max(batch, 1), max_seq=seq)
+        e = load(ctx, method, max_batch=max(batch, fidelity_batch, 1), max_seq=seq)
         if e is None:
             continue
         dev = torch_device(ctx["kind"])
