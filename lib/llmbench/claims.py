@@ -200,8 +200,8 @@ def memory_range(claim, ctx):
     rng = claim["range"]
     derived = {m: cm.dense_weight_bytes(load_config(m), 2) for m in MODELS}
     peak = R.ok(ctx["df"], notebook="01_latency", metric="peak_memory", quant="none")
-    here = "; ".join(f"{m} {g.dtype.iat[0]}: peak {R.fmt_gb(g['median'].max())}"
-                     for m, g in peak.groupby("model") if m in MODELS)
+    here = "; ".join(f"{m} {dt}: peak {R.fmt_gb(g['median'].max())}"
+                     for (m, dt), g in peak.groupby(["model", "dtype"]) if m in MODELS)
     ok = all(_inside(derived[m], *rng[r]) for m, r in zip(MODELS, ("small", "large")))
     return {"value": f"16-bit weights: 1B {R.fmt_gb(derived[MODELS[0]])}, 3B {R.fmt_gb(derived[MODELS[1]])}. "
                      f"Measured peak here: {here or 'no peak-memory records'}",
