@@ -29,7 +29,6 @@ CPU_GEMV_ROWS = 1  # rows (batch x tokens) up to which the CPU graph uses the fu
 @dataclass
 class State:
     pos: int     # next position to write in the static cache
-    batch: int
 
 
 def _gemv_linear(mod, x):
@@ -40,9 +39,8 @@ def _gemv_linear(mod, x):
     return (x.float()[..., None, :] * w.float()).sum(-1).to(x.dtype)
 
 
-def _use_gemv(mod, x) -> bool:
-    return (torch.compiler.is_compiling() and x.device.type == "cpu" and type(mod) is torch.nn.Linear
-            and x.numel() // x.shape[-1] <= CPU_GEMV_ROWS)
+def _use_gemv(x) -> bool:
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() // x.shape[-1] <= CPU_GEMV_ROWS
 
 
 def _install_gemv(model) -> None:
@@ -53,7 +51,7 @@ def _install_gemv(model) -> None:
 
 
 def _linear_forward(self, x):
-    return _gemv_linear(self, x) if _use_gemv(self, x) else torch.nn.functional.linear(x, self.weight, self.bias)
+    return _gemv_linear(self, x) if _use_gemv(x) else torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def _compile_options(kind: str) -> tuple[dict, str]:
@@ -145,13 +143,13 @@ def _positions(e: Engine, start: int, n: int):
 def prefill(e: Engine, ids):
     b, t = ids.shape
     e.model.setup_caches(b, max(e.model.max_seq, e.max_seq))  # a new batch size gets its own cache
-    return State(pos=t, batch=b), _call(e, "prefill", ids, _positions(e, 0, t))
+    return State(pos=t), _call(e, "prefill", ids, _positions(e, 0, t))
 
 
 @torch.inference_mode()
 def decode(e: Engine, state: State, token):
     tok = _call(e, "decode", token, _positions(e, state.pos, 1))
-    return State(pos=state.pos + 1, batch=state.batch), tok
+    return State(pos=state.pos + 1), tok
 
 
 @torch.inference_mode()

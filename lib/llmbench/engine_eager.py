@@ -81,6 +81,3 @@ def logits(e: Engine, ids):
 def release(e: Engine, state) -> None:
     del state  # the DynamicCache is freed with its last reference
 
-
-def compile_count(e: Engine) -> int:
-    return 0
