@@ -9,11 +9,10 @@ footprint; on accelerators it is tried (short prefill + decode steps, doubling u
 """
 from . import costmodel as cm
 from . import energy, engine, noise
-from .device import empty_cache, free_memory, is_oom, torch_device
-from .latency import generate_cost, recompile_status
+from .device import empty_cache, free_memory, is_oom
+from .latency import generate_cost, ids_for, recompile_status
 from .measure import time_decode, time_generate, time_prefill, watched
 from .session import add, add_compile_times, config_fields, row
-from .workload import make_batch
 
 SEARCH_LIMIT = 4096  # never try batches beyond this when searching for the largest one
 
@@ -50,8 +49,7 @@ def _oom_row(ctx, common, status):
 def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4):
     """Batch b: prefill and decode tokens/s, generate latency, tokens/s, requests/s, peak memory; or OOM."""
     kind = ctx["kind"]
-    ids, src = make_batch(b, prompt_len, e.cfg, seed, e.tokenizer)
-    ids = ids.to(torch_device(kind))
+    ids, src = ids_for(ctx, e, b, prompt_len, seed)
     common = dict(batch=b, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
     need = cm.footprint_bytes(e.cfg, 0, b, prompt_len + new_tokens, e.dtype)
     avail = available_bytes(ctx, e, memory_limit_gb)
@@ -117,7 +115,7 @@ def largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb=0.0
     while b < SEARCH_LIMIT:
         b *= 2
         try:
-            ids = make_batch(b, prompt_len, e.cfg, seed, e.tokenizer)[0].to(torch_device(kind))
+            ids = ids_for(ctx, e, b, prompt_len, seed)[0]
             time_decode(e, ids, kind, steps=1, warmup=1, repeats=1)
             ok = b
         except Exception as exc:

@@ -85,7 +85,6 @@ def load(req: LoadRequest) -> Engine:
     e = build(req, "compiled", convert=lambda m: hf.append(m) or llama.from_hf(m))
     if req.quant == "none":
         e.extra["reference"] = hf[0]  # HF eager on the very same tensors: the agreement check's reference
-    del hf
     opts, how = _compile_options(req.kind)
     if req.kind == "cpu":
         _install_gemv(e.model)
