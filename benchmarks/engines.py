@@ -4,14 +4,18 @@
 
 For each model and engine: load (synthetic weights of the exact architecture), compile (timed on its
 own), warm up, then decode steps timed one by one with device synchronization. MBU is the cost model's
-bytes of one step (weights streamed + KV cache) over the median step time, against the read bandwidth
-measured here in the same run. Greedy tokens of the two engines are compared on the same prompt.
+bytes of one step (weights streamed + KV cache) over the median step time of a repeat, against the read
+rate measured right before that repeat: on CPU the best of 3 reads of the engine's own weight tensors by
+the C read loop, elsewhere ceilings.measure_bandwidth's device buffer; the median over repeats is printed.
+On a shared VM the bandwidth drifts by a third within minutes, so each repeat is held to what memory
+delivered in its own time window. Greedy tokens of the two engines are compared on the same prompt.
 Last line, exactly:
   engines: 1b eager MBU=<x> compiled MBU=<y> | 3b eager MBU=<x> compiled MBU=<y> | 3b/1b compiled TPOT ratio=<r>
 """
 import argparse
 import gc
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -29,15 +33,46 @@ from llmbench.workload import make_batch
 MODELS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 
 
+def read_bandwidth(kind: str) -> float:
+    """Best read rate (B/s) of ceilings.measure_bandwidth's probes on a 1 GiB (cpu) or 4 GiB buffer."""
+    rows = ceilings.measure_bandwidth(kind, (1024 if kind == "cpu" else 4096) * 2**20)
+    return ceilings.from_records(pd.DataFrame(rows))["bandwidth"]
+
+
+def weights_read_bandwidth(e, repeats: int = 3) -> float:
+    """Best rate (B/s) at which the C read loop reads the engine's own weight tensors once, on CPU: the
+    very bytes a decode step streams, wherever the allocator placed them. Elsewhere: a device buffer."""
+    if e.kind != "cpu":
+        return read_bandwidth(e.kind)
+    from llmbench import cpu_gemv
+    seen, flat = set(), []
+    for t in [*e.model.parameters(), *e.model.buffers()]:
+        if t.data_ptr() not in seen and t.is_contiguous() and t.numel() * t.element_size() % 4 == 0:
+            seen.add(t.data_ptr())
+            flat.append(t.detach().reshape(-1).view(torch.float32))
+    nbytes, best = sum(f.numel() * 4 for f in flat), float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for f in flat:
+            cpu_gemv.read_f32(f)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
 def bench_one(name, eng, dtype, kind, context, steps, repeats, gen_tokens):
     seq = context + 2 + steps + gen_tokens
     e = engine.load(engine.LoadRequest(engine=eng, model=name, weights="synthetic", dtype=dtype, quant="none",
                                        kind=kind, max_batch=1, max_seq=seq, tokens="random"))
     ids = make_batch(1, context, e.cfg, 0, None)[0].to(torch_device(kind))
     tokens = engine.generate(e, ids, gen_tokens).cpu()  # also the warm-up that compiles every shape
-    blocks, recompiles = time_decode(e, ids, kind, steps=steps, warmup=2, repeats=repeats)
+    # One repeat at a time, each right after a read of the engine's own weights: both see the same machine.
+    blocks, wbw, recompiles = [], [], 0
+    for _ in range(repeats):
+        wbw.append(weights_read_bandwidth(e))
+        b, n = time_decode(e, ids, kind, steps=steps, warmup=2, repeats=1)
+        blocks, recompiles = blocks + b, recompiles + n
     step_bytes = cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)
-    out = dict(blocks=blocks, tpot=float(np.median(flatten(blocks))), bytes=step_bytes, compile_s=e.compile_s,
+    out = dict(blocks=blocks, tpot=float(np.median(flatten(blocks))), bytes=step_bytes, wbw=wbw, compile_s=e.compile_s,
                load_s=e.load_s, tokens=tokens, recompiles=recompiles, description=e.description)
     del e
     gc.collect()
@@ -60,10 +95,8 @@ def main():
     kind = pick_device(args.device)
     dtype = fastest_dtype(kind) if args.dtype == "auto" else args.dtype
     check_choice("dtype", dtype, list(DTYPES))
-    bw = ceilings.from_records(pd.DataFrame(
-        ceilings.measure_bandwidth(kind, (1024 if kind == "cpu" else 4096) * 2**20)))["bandwidth"]
-    print(f"device {kind}, dtype {dtype}, measured read bandwidth {bw / 1e9:.1f} GB/s, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(f"device {kind}, dtype {dtype}, {torch.get_num_threads()} threads; read bandwidth of a fresh buffer "
+          f"(as 00_device measures it) {read_bandwidth(kind) / 1e9:.1f} GB/s", flush=True)
     res = {}
     for short in args.models:
         for eng in ("eager", "compiled"):
@@ -72,11 +105,13 @@ def main():
             except Unsupported as why:
                 print(f"{short} {eng}: unsupported: {why}", flush=True)
                 continue
-            r["mbu"] = r["bytes"] / r["tpot"] / bw
+            # per repeat: bytes / median step time / the weights' read rate just before it; then the median
+            r["mbu"] = float(np.median([r["bytes"] / np.median(b) / w for b, w in zip(r["blocks"], r["wbw"])]))
             res[(short, eng)] = r
             s = flatten(r["blocks"])
             print(f"{short} {eng:>8}: TPOT median {r['tpot'] * 1e3:.1f} ms (min {s.min() * 1e3:.1f}, max "
-                  f"{s.max() * 1e3:.1f}, n={s.size}), MBU {r['mbu']:.2f} of {bw / 1e9:.1f} GB/s "
+                  f"{s.max() * 1e3:.1f}, n={s.size}), MBU {r['mbu']:.2f} of the weights' read rate ("
+                  f"{', '.join(f'{w / 1e9:.1f}' for w in r['wbw'])} GB/s before each repeat) "
                   f"({r['bytes'] / 1e9:.2f} GB/step), load {r['load_s']:.1f} s, compile {r['compile_s']:.1f} s"
                   + (f", {r['recompiles']} RECOMPILES during timing" if r["recompiles"] else ""), flush=True)
         if (short, "eager") in res and (short, "compiled") in res:

@@ -4,14 +4,16 @@ step has fixed shapes and is compiled once per batch size, then replayed.
 - cuda: torch.compile(mode="reduce-overhead", fullgraph=True): the step is captured as a CUDA graph;
 - npu:  torch.compile(backend="npugraph_ex", fullgraph=True, dynamic=False) (torchair's graph mode, A2/A3
         only; TASK_QUEUE_ENABLE=2 is the documented dispatch setting): anything else is refused;
-- cpu:  inductor; at batch 1 a linear is written as a fused multiply-reduce over the weight rows, which
-        inductor turns into one streaming loop per weight (MKL's GEMV for M=1 reached about 60% of the
-        read bandwidth here); bf16 accumulates in fp32.
+- cpu:  inductor, with every linear of up to 16 rows (decode at batch <= 16) as one call of the C kernel in
+        cpu_gemv.c (built here with -march=native; bf16 via AVX512-BF16 where the CPU has it). Inductor's
+        own fused multiply-reduce reached 75-84% of the read bandwidth in bf16 and MKL's GEMV at M=1 about
+        60%; where no C compiler exists the multiply-reduce is used at batch 1 and the description says so.
 Prefill runs the same module eagerly on the CPU (it is compute bound there) and compiled per prompt
 length on accelerators. Compile time is measured per (function, shape) on the first call and kept in
 `e.extra["compiles"]`; `compile_count` reads dynamo's counter so that a recompilation during timed
 steps is detected by the caller.
 """
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from .device import synchronize, torch_device
 from .engine import Engine, LoadRequest
 from .quant import Unsupported
 
-CPU_GEMV_ROWS = 1  # rows (batch x tokens) up to which the CPU graph uses the fused multiply-reduce
+CPU_REDUCE_ROWS = 1  # rows (batch x tokens) up to which the inductor multiply-reduce beats its GEMM
 
 
 @dataclass
@@ -31,27 +33,50 @@ class State:
     pos: int     # next position to write in the static cache
 
 
-def _gemv_linear(mod, x):
-    """y = x W^T as a multiply-reduce: under inductor on CPU, one pass over W at memory speed."""
-    w = mod.weight
+def _reduce_linear(w, x):
+    """y = x W^T as a multiply-reduce: under inductor on CPU, one pass over W (the fallback path)."""
     if x.dtype == torch.float32:
         return (x[..., None, :] * w).sum(-1)
     return (x.float()[..., None, :] * w.float()).sum(-1).to(x.dtype)
 
 
-def _use_gemv(x) -> bool:
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() // x.shape[-1] <= CPU_GEMV_ROWS
+def _c_linear(w, x):
+    return torch.ops.llmbench.gemv(x, w)
 
 
-def _install_gemv(model) -> None:
-    """Route plain (unquantized) Linear modules through _gemv_linear when the compiled graph qualifies."""
+def _cpu_linear_path() -> tuple:
+    """(function, rows up to which it is used, description): the C gemv kernel where it builds here,
+    else inductor's multiply-reduce at batch 1, with the reason the kernel is missing."""
+    from . import cpu_gemv
+    try:
+        return _c_linear, cpu_gemv.MAX_ROWS, f"linears of <= {cpu_gemv.MAX_ROWS} rows: C gemv ({cpu_gemv.paths()})"
+    except Unsupported as why:
+        return _reduce_linear, CPU_REDUCE_ROWS, f"batch-1 linears as inductor multiply-reduce (C gemv unavailable: {why})"
+
+
+def _cpu_w8a8(model, req: LoadRequest) -> tuple[list[str], str]:
+    """w8a8 on CPU through the C kernel: fbgemm's dynamic Linear (engine eager's w8a8) cannot be traced."""
+    from . import cpu_gemv
+    from .quant import replace_linears
+    if req.dtype != "fp32":
+        raise Unsupported(f"the CPU int8 kernels here take fp32 activations, not {req.dtype}")
+    cpu_gemv.library()  # Unsupported (no C compiler) before any weight is touched
+    return replace_linears(model, cpu_gemv.W8A8Linear), (
+        f"C gemv_w8a8 (cpu_gemv.c; {cpu_gemv.paths().split('int8: ')[-1]}): int8 per-channel weights, "
+        "int8 per-token symmetric activations, int32 accumulation")
+
+
+def _install_linear(model, fn, max_rows: int) -> None:
+    """Route plain bias-free Linear modules through fn inside compiled graphs of at most max_rows rows."""
     for m in model.modules():
-        if type(m) is torch.nn.Linear:
-            m.forward = _linear_forward.__get__(m)
+        if type(m) is torch.nn.Linear and m.bias is None:
+            m.forward = functools.partial(_linear_forward, m, fn, max_rows)
 
 
-def _linear_forward(self, x):
-    return _gemv_linear(self, x) if _use_gemv(x) else torch.nn.functional.linear(x, self.weight, self.bias)
+def _linear_forward(mod, fn, max_rows, x):
+    if torch.compiler.is_compiling() and x.numel() // x.shape[-1] <= max_rows:
+        return fn(mod.weight, x)
+    return torch.nn.functional.linear(x, mod.weight)
 
 
 def _compile_options(kind: str) -> tuple[dict, str]:
@@ -65,7 +90,8 @@ def _compile_options(kind: str) -> tuple[dict, str]:
         tq = os.environ.get("TASK_QUEUE_ENABLE", "unset")
         return (dict(backend="npugraph_ex", fullgraph=True, dynamic=False),
                 f"torch.compile backend=npugraph_ex (torchair graph mode), TASK_QUEUE_ENABLE={tq}")
-    return dict(fullgraph=True, dynamic=False), "torch.compile inductor; batch-1 linears as fused multiply-reduce"
+    fn, rows, how = _cpu_linear_path()
+    return dict(fullgraph=True, dynamic=False), f"torch.compile inductor; {how}", (fn, rows)
 
 
 def _decode_step(model, token, pos):
@@ -82,12 +108,13 @@ def load(req: LoadRequest) -> Engine:
     torch._dynamo.config.recompile_limit = 64  # one graph per batch size and prompt length; never fall back
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     hf = []
-    e = build(req, "compiled", convert=lambda m: hf.append(m) or llama.from_hf(m))
+    e = build(req, "compiled", convert=lambda m: hf.append(m) or llama.from_hf(m),
+              quantize=_cpu_w8a8 if (req.kind, req.quant) == ("cpu", "w8a8") else None)
     if req.quant == "none":
         e.extra["reference"] = hf[0]  # HF eager on the very same tensors: the agreement check's reference
-    opts, how = _compile_options(req.kind)
-    if req.kind == "cpu":
-        _install_gemv(e.model)
+    opts, how, *linear = _compile_options(req.kind)
+    if linear:
+        _install_linear(e.model, *linear[0])
     e.model.setup_caches(req.max_batch, req.max_seq)
     e.extra.update(decode=torch.compile(_decode_step, **opts),
                    prefill=torch.compile(_prefill_step, **opts) if req.kind != "cpu" else _prefill_step,

@@ -12,11 +12,13 @@ from .device import synchronize
 from .engine import Engine, LoadRequest
 
 
-def build(req: LoadRequest, name: str, convert=None) -> Engine:
-    """Load weights, convert them to the engine's module (sharing tensors), quantize; no compile."""
+def build(req: LoadRequest, name: str, convert=None, quantize=None) -> Engine:
+    """Load weights, convert them to the engine's module (sharing tensors), quantize (quant.quantize unless
+    the engine brings its own kernels: quantize(model, req) -> (replaced names, kernel description)); no compile."""
     from .models import load_config, load_model, load_tokenizer
     from .device import usable_dtypes
-    from .quant import KERNELS, Unsupported, quantize, streamed_weight_bytes, weight_bytes
+    from . import quant
+    from .quant import Unsupported, streamed_weight_bytes, weight_bytes
     why = usable_dtypes(req.kind)[req.dtype]
     if why:
         raise Unsupported(f"dtype {req.dtype} on {req.kind}: {why}")
@@ -24,9 +26,12 @@ def build(req: LoadRequest, name: str, convert=None) -> Engine:
     if convert is not None:
         model = convert(model)
     t0 = time.perf_counter()
-    replaced = quantize(model, req.quant, req.kind, req.dtype)  # raises Unsupported with the reason
+    if quantize is None:
+        replaced = quant.quantize(model, req.quant, req.kind, req.dtype)  # raises Unsupported with the reason
+        kernel = quant.KERNELS.get((req.kind, req.quant), "") if req.quant != "none" else f"{req.dtype} matmuls"
+    else:
+        replaced, kernel = quantize(model, req)
     synchronize(req.kind)
-    kernel = KERNELS.get((req.kind, req.quant), "") if req.quant != "none" else f"{req.dtype} matmuls"
     return Engine(
         name=name, model=model, cfg=load_config(req.model), kind=req.kind, dtype=req.dtype, quant=req.quant,
         # w8a8 multiplies int8 by int8: its compute ceiling is the int8 one; the others dequantize to dtype.

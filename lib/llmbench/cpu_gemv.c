@@ -1,0 +1,189 @@
+// Decode-time linears on CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a handful of rows m.
+// Memory bound: every weight byte is read once per call, ROWS weight rows at a time (several streams
+// in flight, each x row reused from cache). Built by cpu_gemv.py with -O3 -march=native -fopenmp: the
+// AVX-512 paths exist only where the CPU has them, the plain C loops (omp simd) vectorize anywhere.
+// Threads: OpenMP, the same libgomp and thread count as torch in the calling process.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define ROWS 8
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// acc[r] = dot(x, w row r) for nr <= ROWS rows of length k.
+static void rows_f32(const float* x, const float* w, float* acc, int64_t nr, int64_t k) {
+#if defined(__AVX512F__)
+  if (nr == ROWS && k % 16 == 0) {
+    __m512 s[ROWS];
+    for (int r = 0; r < ROWS; r++) s[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 16) {
+      __m512 xv = _mm512_loadu_ps(x + j);
+      for (int r = 0; r < ROWS; r++) s[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * k + j), xv, s[r]);
+    }
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_reduce_add_ps(s[r]);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < nr; r++) {
+    const float* wr = w + r * k;
+    float s = 0;
+    #pragma omp simd reduction(+:s)
+    for (int64_t j = 0; j < k; j++) s += wr[j] * x[j];
+    acc[r] = s;
+  }
+}
+
+// Same for bf16 weights and activations; products and sums in fp32.
+static void rows_bf16(const uint16_t* x, const float* xf, const uint16_t* w, float* acc, int64_t nr, int64_t k) {
+#if defined(__AVX512BF16__)
+  if (nr == ROWS && k % 32 == 0) {  // vdpbf16ps: 32 bf16 products per instruction, exact in fp32
+    __m512 s[ROWS];
+    for (int r = 0; r < ROWS; r++) s[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 32) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
+      for (int r = 0; r < ROWS; r++) s[r] = _mm512_dpbf16_ps(s[r], (__m512bh)_mm512_loadu_si512(w + r * k + j), xv);
+    }
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_reduce_add_ps(s[r]);
+    return;
+  }
+#endif
+  (void)x;
+  for (int64_t r = 0; r < nr; r++) {
+    const uint16_t* wr = w + r * k;
+    float s = 0;
+    #pragma omp simd reduction(+:s)
+    for (int64_t j = 0; j < k; j++) s += bf16_to_f32(wr[j]) * xf[j];
+    acc[r] = s;
+  }
+}
+
+void gemv_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+    int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
+    float acc[ROWS];
+    for (int64_t i = 0; i < m; i++) {
+      rows_f32(x + i * k, w + r0 * k, acc, nr, k);
+      for (int64_t r = 0; r < nr; r++) y[i * n + r0 + r] = acc[r];
+    }
+  }
+}
+
+void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n, int64_t k) {
+  float* xf = malloc(sizeof(float) * m * k);  // activations widened once for the portable path
+  for (int64_t j = 0; j < m * k; j++) xf[j] = bf16_to_f32(x[j]);
+  #pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+    int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
+    float acc[ROWS];
+    for (int64_t i = 0; i < m; i++) {
+      rows_bf16(x + i * k, xf + i * k, w + r0 * k, acc, nr, k);
+      for (int64_t r = 0; r < nr; r++) y[i * n + r0 + r] = f32_to_bf16(acc[r]);
+    }
+  }
+  free(xf);
+}
+
+// w8a8: each x row quantized to int8 (symmetric, scale max|x| / 127, round to nearest even), w [n, k]
+// int8 with a per-row scale sw; y = sx * sw * (xq . wq), the dot product exact in int32. AVX512-VNNI's
+// vpdpbusd multiplies unsigned by signed bytes, so it takes xq + 128 and subtracts 128 * sum(w row) (wsum).
+static void rows_i8(const int8_t* xq, const uint8_t* xu, const int8_t* w, const int32_t* wsum, int32_t* acc,
+                    int64_t nr, int64_t k) {
+#if defined(__AVX512VNNI__)
+  if (nr == ROWS && k % 64 == 0) {
+    __m512i s[ROWS];
+    for (int r = 0; r < ROWS; r++) s[r] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < k; j += 64) {
+      __m512i xv = _mm512_loadu_si512(xu + j);
+      for (int r = 0; r < ROWS; r++) s[r] = _mm512_dpbusd_epi32(s[r], xv, _mm512_loadu_si512(w + r * k + j));
+    }
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_reduce_add_epi32(s[r]) - 128 * wsum[r];
+    return;
+  }
+#endif
+  (void)xu; (void)wsum;
+  for (int64_t r = 0; r < nr; r++) {
+    const int8_t* wr = w + r * k;
+    int32_t s = 0;
+    #pragma omp simd reduction(+:s)
+    for (int64_t j = 0; j < k; j++) s += (int32_t)xq[j] * (int32_t)wr[j];
+    acc[r] = s;
+  }
+}
+
+void gemv_w8a8(const float* x, const int8_t* w, const float* sw, const int32_t* wsum, float* y,
+               int64_t m, int64_t n, int64_t k) {
+  int8_t* xq = malloc(m * k);
+  uint8_t* xu = malloc(m * k);
+  float* sx = malloc(sizeof(float) * m);
+  for (int64_t i = 0; i < m; i++) {
+    const float* xi = x + i * k;
+    float amax = 0;
+    for (int64_t j = 0; j < k; j++) amax = fabsf(xi[j]) > amax ? fabsf(xi[j]) : amax;
+    sx[i] = amax > 0 ? amax / 127 : 1;
+    float inv = 1 / sx[i];
+    for (int64_t j = 0; j < k; j++) {
+      float q = nearbyintf(xi[j] * inv);
+      q = q > 127 ? 127 : q < -127 ? -127 : q;
+      xq[i * k + j] = (int8_t)q;
+      xu[i * k + j] = (uint8_t)((int32_t)q + 128);
+    }
+  }
+  #pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+    int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
+    int32_t acc[ROWS];
+    for (int64_t i = 0; i < m; i++) {
+      rows_i8(xq + i * k, xu + i * k, w + r0 * k, wsum + r0, acc, nr, k);
+      for (int64_t r = 0; r < nr; r++) y[i * n + r0 + r] = (float)acc[r] * sx[i] * sw[r0 + r];
+    }
+  }
+  free(xq); free(xu); free(sx);
+}
+
+// Sum of n floats in 4096-float blocks split over the threads: the read-bandwidth probe.
+float read_f32(const float* a, int64_t n) {
+  float tot = 0;
+  #pragma omp parallel for reduction(+:tot) schedule(static)
+  for (int64_t b = 0; b < n; b += 4096) {
+    int64_t e = b + 4096 < n ? b + 4096 : n;
+    float s = 0;
+    #pragma omp simd reduction(+:s)
+    for (int64_t j = b; j < e; j++) s += a[j];
+    tot += s;
+  }
+  return tot;
+}
+
+// Which paths this build has, for the engine's description.
+const char* gemv_paths(void) {
+  return "fp32: "
+#if defined(__AVX512F__)
+         "AVX-512 FMA"
+#else
+         "omp simd"
+#endif
+         "; bf16: "
+#if defined(__AVX512BF16__)
+         "AVX512-BF16 vdpbf16ps"
+#else
+         "widened to fp32, omp simd"
+#endif
+         "; int8: "
+#if defined(__AVX512VNNI__)
+         "AVX512-VNNI vpdpbusd";
+#else
+         "int32 omp simd";
+#endif
+}
