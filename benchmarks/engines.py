@@ -2,8 +2,9 @@
 
     python benchmarks/engines.py [--dtype auto] [--context 32] [--steps 16] [--repeats 3] [--models ...]
 
-For each model and engine: load (synthetic weights of the exact architecture), compile (timed on its
-own), warm up, then decode steps timed one by one with device synchronization. MBU is the cost model's
+For each engine, both models are loaded (synthetic weights of the exact architecture), compiled (timed
+on its own) and warmed up; then their repeats alternate, each a block of decode steps timed one by one
+with device synchronization. MBU is the cost model's
 bytes of one step (weights streamed + KV cache) over the median step time of a repeat, against the read
 rate measured right before that repeat: on CPU the best of 3 reads of the engine's own weight tensors by
 the C read loop, elsewhere ceilings.measure_bandwidth's device buffer; the median over repeats is printed.
@@ -59,25 +60,25 @@ def weights_read_bandwidth(e, repeats: int = 3) -> float:
     return nbytes / best
 
 
-def bench_one(name, eng, dtype, kind, context, steps, repeats, gen_tokens):
-    seq = context + 2 + steps + gen_tokens
+def load_one(name, eng, dtype, kind, context, steps, gen_tokens):
+    """Load one engine and run the greedy generation that is both the token comparison and the warm-up
+    that compiles every shape; returns the engine, the prompt and its result record."""
     e = engine.load(engine.LoadRequest(engine=eng, model=name, weights="synthetic", dtype=dtype, quant="none",
-                                       kind=kind, max_batch=1, max_seq=seq, tokens="random"))
+                                       kind=kind, max_batch=1, max_seq=context + 2 + steps + gen_tokens,
+                                       tokens="random"))
     ids = make_batch(1, context, e.cfg, 0, None)[0].to(torch_device(kind))
-    tokens = engine.generate(e, ids, gen_tokens).cpu()  # also the warm-up that compiles every shape
-    # One repeat at a time, each right after a read of the engine's own weights: both see the same machine.
-    blocks, wbw, recompiles = [], [], 0
-    for _ in range(repeats):
-        wbw.append(weights_read_bandwidth(e))
-        b, n = time_decode(e, ids, kind, steps=steps, warmup=2, repeats=1)
-        blocks, recompiles = blocks + b, recompiles + n
+    tokens = engine.generate(e, ids, gen_tokens).cpu()
     step_bytes = cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)
-    out = dict(blocks=blocks, tpot=float(np.median(flatten(blocks))), bytes=step_bytes, wbw=wbw, compile_s=e.compile_s,
-               load_s=e.load_s, tokens=tokens, recompiles=recompiles, description=e.description)
-    del e
-    gc.collect()
-    empty_cache(kind)
-    return out
+    return e, ids, dict(blocks=[], wbw=[], recompiles=0, bytes=step_bytes, compile_s=e.compile_s, load_s=e.load_s,
+                        tokens=tokens, description=e.description)
+
+
+def time_repeat(e, ids, r: dict, steps: int) -> None:
+    """One repeat: a read of the engine's own weights, then a block of decode steps right after it."""
+    r["wbw"].append(weights_read_bandwidth(e))
+    b, n = time_decode(e, ids, e.kind, steps=steps, warmup=2, repeats=1)
+    r["blocks"] += b
+    r["recompiles"] += n
 
 
 def main():
@@ -98,13 +99,19 @@ def main():
     print(f"device {kind}, dtype {dtype}, {torch.get_num_threads()} threads; read bandwidth of a fresh buffer "
           f"(as 00_device measures it) {read_bandwidth(kind) / 1e9:.1f} GB/s", flush=True)
     res = {}
-    for short in args.models:
-        for eng in ("eager", "compiled"):
+    for eng in ("eager", "compiled"):
+        # Both models loaded, their repeats alternated: the 3B/1B ratio compares the same machine phases.
+        loaded = {}
+        for short in args.models:
             try:
-                r = bench_one(MODELS[short], eng, dtype, kind, args.context, args.steps, args.repeats, args.gen_tokens)
+                loaded[short] = load_one(MODELS[short], eng, dtype, kind, args.context, args.steps, args.gen_tokens)
             except Unsupported as why:
                 print(f"{short} {eng}: unsupported: {why}", flush=True)
-                continue
+        for _ in range(args.repeats):
+            for e, ids, r in loaded.values():
+                time_repeat(e, ids, r, args.steps)
+        for short, (e, ids, r) in loaded.items():
+            r["tpot"] = float(np.median(flatten(r["blocks"])))
             # per repeat: bytes / median step time / the weights' read rate just before it; then the median
             r["mbu"] = float(np.median([r["bytes"] / np.median(b) / w for b, w in zip(r["blocks"], r["wbw"])]))
             res[(short, eng)] = r
@@ -114,6 +121,11 @@ def main():
                   f"{', '.join(f'{w / 1e9:.1f}' for w in r['wbw'])} GB/s before each repeat) "
                   f"({r['bytes'] / 1e9:.2f} GB/step), load {r['load_s']:.1f} s, compile {r['compile_s']:.1f} s"
                   + (f", {r['recompiles']} RECOMPILES during timing" if r["recompiles"] else ""), flush=True)
+        loaded.clear()
+        e = None  # the loop's last engine: free it before the next engine loads
+        gc.collect()
+        empty_cache(kind)
+    for short in args.models:
         if (short, "eager") in res and (short, "compiled") in res:
             a, b = res[(short, "eager")], res[(short, "compiled")]
             same = (a["tokens"][:, args.context:] == b["tokens"][:, args.context:]).all(0)
