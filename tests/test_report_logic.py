@@ -275,6 +275,20 @@ def test_compiled_records_that_compiled_while_timed_are_counted_and_agreement_is
     assert t[(t.model == S) & (t.engine == "compiled")]["records that compiled while timed"].iat[0] == 1
     a = E.agreement(d)
     assert a["greedy tokens equal to eager"].iat[0] == "16 of 16" and a["max relative logit error"].iat[0] == "3.00e-06"
+    assert a["where tokens diverge"].iat[0] == ""
+
+
+@pytest.mark.parametrize("gap,tie", [(1e-3, True), (5e-2, False)])
+def test_a_greedy_divergence_is_judged_by_the_top2_gap_against_the_logit_error_there(gap, tie):
+    common = dict(engine="compiled", experiment="agreement", spread=0, dtype="bf16")
+    d = frame([rec("greedy_steps_equal", 3, S, unit="tokens", new_tokens=16, **common),
+               rec("max_rel_logit_error", 0.03, S, unit="ratio", **common),
+               rec("top2_gap_at_divergence", gap, S, unit="ratio", **common),
+               rec("logit_error_at_divergence", 0.01, S, unit="ratio", **common)])
+    a = E.agreement(d)
+    assert a["greedy tokens equal to eager"].iat[0] == "3 of 16"
+    text = a["where tokens diverge"].iat[0]
+    assert ("a near-tie" in text) and (("NOT a near-tie" in text) is not tie)
 
 
 def test_provenance_names_the_npu_dispatch_settings_and_noise_counts():

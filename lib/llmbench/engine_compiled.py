@@ -90,16 +90,15 @@ def _compile_options(kind: str) -> tuple[dict, str]:
         tq = os.environ.get("TASK_QUEUE_ENABLE", "unset")
         return (dict(backend="npugraph_ex", fullgraph=True, dynamic=False),
                 f"torch.compile backend=npugraph_ex (torchair graph mode), TASK_QUEUE_ENABLE={tq}")
-    fn, rows, how = _cpu_linear_path()
-    return dict(fullgraph=True, dynamic=False), f"torch.compile inductor; {how}", (fn, rows)
+    return dict(fullgraph=True, dynamic=False), "torch.compile inductor"
 
 
 def _decode_step(model, token, pos):
-    return model(token, pos).argmax(-1, keepdim=True)
+    return model(token, pos)  # logits; the argmax runs outside the graph, so the agreement check reads them
 
 
 def _prefill_step(model, ids, pos):
-    return model(ids, pos).argmax(-1, keepdim=True)
+    return model(ids, pos)
 
 
 def load(req: LoadRequest) -> Engine:
@@ -112,9 +111,11 @@ def load(req: LoadRequest) -> Engine:
               quantize=_cpu_w8a8 if (req.kind, req.quant) == ("cpu", "w8a8") else None)
     if req.quant == "none":
         e.extra["reference"] = hf[0]  # HF eager on the very same tensors: the agreement check's reference
-    opts, how, *linear = _compile_options(req.kind)
-    if linear:
-        _install_linear(e.model, *linear[0])
+    opts, how = _compile_options(req.kind)
+    if req.kind == "cpu":
+        fn, rows, linears = _cpu_linear_path()
+        _install_linear(e.model, fn, rows)
+        how += f"; {linears}"
     e.model.setup_caches(req.max_batch, req.max_seq)
     e.extra.update(decode=torch.compile(_decode_step, **opts),
                    prefill=torch.compile(_prefill_step, **opts) if req.kind != "cpu" else _prefill_step,
@@ -169,13 +170,19 @@ def _positions(e: Engine, start: int, n: int):
 def prefill(e: Engine, ids):
     b, t = ids.shape
     e.model.setup_caches(b, max(e.model.max_seq, e.max_seq))  # a new batch size gets its own cache
-    return State(pos=t), _call(e, "prefill", ids, _positions(e, 0, t))
+    return State(pos=t), _call(e, "prefill", ids, _positions(e, 0, t)).argmax(-1, keepdim=True)
+
+
+@torch.inference_mode()
+def decode_logits(e: Engine, state: State, token):
+    """One decode step through the compiled graph: (next state, logits [batch, vocab])."""
+    return State(pos=state.pos + 1), _call(e, "decode", token, _positions(e, state.pos, 1))
 
 
 @torch.inference_mode()
 def decode(e: Engine, state: State, token):
-    tok = _call(e, "decode", token, _positions(e, state.pos, 1))
-    return State(pos=state.pos + 1), tok
+    state, logits = decode_logits(e, state, token)
+    return state, logits.argmax(-1, keepdim=True)
 
 
 @torch.inference_mode()

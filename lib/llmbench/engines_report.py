@@ -5,6 +5,7 @@ Records carry `engine` (eager | compiled | llamacpp). Compile time is experiment
 "compile_time" (s); recompilations during timed steps are metric "recompiles" (or named in a note).
 """
 import numpy as np
+
 import pandas as pd
 
 from . import report as R
@@ -128,8 +129,21 @@ def agreement(df) -> pd.DataFrame:
         rows.append({**dict(zip(keys, k)),
                      "greedy tokens equal to eager": (f"{int(same['median'].min())} of {int(same.new_tokens.max())}"
                                                       if len(same) else ""),
-                     "max relative logit error": f"{err['median'].max():.2e}" if len(err) else ""})
+                     "max relative logit error": f"{err['median'].max():.2e}" if len(err) else "",
+                     "where tokens diverge": _divergence(g)})
     return pd.DataFrame(rows)
+
+
+def _divergence(g) -> str:
+    """Why greedy tokens diverged: eager's top-2 gap at the first differing step against the graph's logit
+    error at that step (both recorded by latency.agreement)."""
+    gap, err = g[g.metric == "top2_gap_at_divergence"], g[g.metric == "logit_error_at_divergence"]
+    if gap.empty or err.empty:
+        return ""
+    a, e = float(gap["median"].iloc[0]), float(err["median"].iloc[0])
+    verdict = ("a near-tie: the gap is smaller than the logit error there, so rounding decides the token"
+               if a < e else "NOT a near-tie: the gap exceeds the logit error there; check the compiled path")
+    return f"eager's top two logits {a:.1e} apart, graph error {e:.1e}: {verdict}"
 
 
 def compile_text(df) -> str:
