@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import llmbench  # noqa: F401  (before torch: its allocator's huge-page setting, see llmbench/__init__.py)
 import torch
 
 from llmbench import ceilings, engine

@@ -22,8 +22,8 @@ ENGINES_OURS = ("compiled", "eager")
 
 def child(cfg: dict) -> dict:
     """Load one engine configuration and time batch-1 decode steps one by one (this process only)."""
+    from llmbench import engine  # before torch: its allocator's huge-page setting (llmbench/__init__.py)
     import torch
-    from llmbench import engine
     from llmbench.device import synchronize, timed, torch_device
     from llmbench.engine import LoadRequest
     from llmbench.models import load_config

@@ -10,6 +10,7 @@ import sys
 import gc
 import time
 
+import llmbench  # noqa: F401  (before torch: its allocator's huge-page setting, see llmbench/__init__.py)
 import torch
 
 from llmbench.device import pick_device

@@ -2,7 +2,8 @@
 // Memory bound: every weight byte is read once per call, ROWS weight rows at a time (several streams
 // in flight, each x row reused from cache). Built by cpu_gemv.py with -O3 -march=native -fopenmp: the
 // AVX-512 paths exist only where the CPU has them, the plain C loops (omp simd) vectorize anywhere.
-// Threads: OpenMP, the same libgomp and thread count as torch in the calling process.
+// Threads: OpenMP, the same libgomp and thread count as torch in the calling process; rows are handed out
+// in chunks of 4 blocks as threads free up (as llama.cpp does), so a vCPU the host pauses delays no one.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -69,7 +70,7 @@ static void rows_bf16(const uint16_t* x, const float* xf, const uint16_t* w, flo
 }
 
 void gemv_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
     float acc[ROWS];
@@ -83,7 +84,7 @@ void gemv_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, in
 void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n, int64_t k) {
   float* xf = malloc(sizeof(float) * m * k);  // activations widened once for the portable path
   for (int64_t j = 0; j < m * k; j++) xf[j] = bf16_to_f32(x[j]);
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
     float acc[ROWS];
@@ -130,17 +131,18 @@ void gemv_w8a8(const float* x, const int8_t* w, const float* sw, const int32_t* 
   for (int64_t i = 0; i < m; i++) {
     const float* xi = x + i * k;
     float amax = 0;
-    for (int64_t j = 0; j < k; j++) amax = fabsf(xi[j]) > amax ? fabsf(xi[j]) : amax;
+    #pragma omp simd reduction(max:amax)
+    for (int64_t j = 0; j < k; j++) amax = fmaxf(amax, fabsf(xi[j]));
     sx[i] = amax > 0 ? amax / 127 : 1;
     float inv = 1 / sx[i];
+    #pragma omp simd
     for (int64_t j = 0; j < k; j++) {
-      float q = nearbyintf(xi[j] * inv);
-      q = q > 127 ? 127 : q < -127 ? -127 : q;
+      int32_t q = (int32_t)fminf(fmaxf(nearbyintf(xi[j] * inv), -127.f), 127.f);
       xq[i * k + j] = (int8_t)q;
-      xu[i * k + j] = (uint8_t)((int32_t)q + 128);
+      xu[i * k + j] = (uint8_t)(q + 128);
     }
   }
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
     int32_t acc[ROWS];

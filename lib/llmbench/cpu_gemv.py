@@ -38,7 +38,7 @@ def _cache_dir() -> Path:
 def library() -> ctypes.CDLL:
     """Build (once per source, compiler and CPU) and load the kernel library; Unsupported without a compiler."""
     cc = os.environ.get("CC", "cc")
-    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-lm"]
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
@@ -48,7 +48,7 @@ def library() -> ctypes.CDLL:
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        p = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        p = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if p.returncode != 0:
             raise Unsupported(f"building the CPU gemv kernel with {cc} failed: {p.stderr.strip()[-300:]}")
         tmp.replace(so)  # atomic: a concurrent build never loads a half-written file
@@ -66,11 +66,19 @@ def paths() -> str:
     return library().gemv_paths().decode()
 
 
+def _check_shapes(x, w) -> None:
+    """The kernels trust their sizes: a mismatch here would read past a buffer, so it is refused first."""
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or x.device.type != "cpu" or w.device.type != "cpu":
+        raise ValueError(f"x {tuple(x.shape)} on {x.device} and w {tuple(w.shape)} on {w.device}: "
+                         "need CPU tensors with x [..., k] and w [n, k]")
+
+
 @torch.library.custom_op("llmbench::gemv", mutates_args=())
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., k] @ w[n, k]^T for fp32 or bf16 CPU tensors of one dtype."""
     if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
         raise ValueError(f"gemv takes fp32 or bf16 CPU tensors of one dtype, got {x.dtype} and {w.dtype} on {x.device}")
+    _check_shapes(x, w)
     x, w = x.contiguous(), w.contiguous()
     n, k = w.shape
     y = x.new_empty(*x.shape[:-1], n)
@@ -91,6 +99,9 @@ def gemv_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, wsum: torch
     if x.dtype != torch.float32 or w.dtype != torch.int8 or scale.dtype != torch.float32 or wsum.dtype != torch.int32:
         raise ValueError(f"gemv_w8a8 takes fp32 x, int8 w, fp32 scale, int32 wsum; got {x.dtype}, {w.dtype}, "
                          f"{scale.dtype}, {wsum.dtype}")
+    _check_shapes(x, w)
+    if scale.shape != (w.shape[0],) or wsum.shape != (w.shape[0],):
+        raise ValueError(f"gemv_w8a8: scale {tuple(scale.shape)} and wsum {tuple(wsum.shape)} must be ({w.shape[0]},)")
     x, w = x.contiguous(), w.contiguous()
     n, k = w.shape
     y = x.new_empty(*x.shape[:-1], n)

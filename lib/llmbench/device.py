@@ -255,6 +255,17 @@ def cpu_model() -> str:
         return platform.processor()
 
 
+def thp_alloc() -> str:
+    """Whether torch's large CPU allocations ask for transparent huge pages (see llmbench/__init__.py),
+    and what the kernel grants: with THP "never", the request does nothing."""
+    try:
+        mode = re.search(r"\[(\w+)\]", Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()).group(1)
+    except (OSError, AttributeError):
+        mode = "unknown"
+    v = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    return f"{'requested' if v == '1' else 'not requested'} (THP_MEM_ALLOC_ENABLE={v}); kernel THP mode {mode}"
+
+
 def describe(kind: str) -> dict:
     """The device and software a measurement ran on, for run.json and the report."""
     import transformers
@@ -269,6 +280,7 @@ def describe(kind: str) -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "torch_thp_alloc": thp_alloc(),
     }
     if kind == "cpu":
         info.update(device_name=info["cpu_model"], device_count=1)

@@ -167,7 +167,7 @@ def noise_text(df) -> str:
     return ("Measurement noise: " + "; ".join(parts) + ".") if parts else ""
 
 
-DEVICE_FIELDS = ("task_queue", "cann", "compile_backend", "backend")
+DEVICE_FIELDS = ("task_queue", "cann", "compile_backend", "backend", "thp")
 
 
 def device_fields(runs) -> str:
