@@ -1,27 +1,34 @@
 """Our best path against llama.cpp, batch 1 decode, at 32-bit, 16-bit and int8, for 1B and 3B, in one run.
 
-    python benchmarks/peer.py [--models llama-3.2-1b llama-3.2-3b] [--context 64] [--steps 16] [--device auto]
+    python benchmarks/peer.py [--models llama-3.2-1b llama-3.2-3b] [--context 64] [--steps 8] [--rounds 4]
 
-Our best path is the faster (median TPOT) of engine "compiled" and "eager"; at 16 bit each side takes
-its fastest usable 16-bit type (ours: the 16-bit dtypes device.usable_dtypes allows here; llama.cpp:
-F16 or BF16); int8 is w8a8 against Q8_0 (on npu Q8_0 is w8a16: see engine_llamacpp). Every
-configuration runs in its own process, so a crash (a llama.cpp segfault) costs one figure, and its
-reason is printed. Same weights on both sides (synthetic unless --weights), same prompt, same threads.
+Each configuration is its own process, so a crash (a llama.cpp segfault) costs one figure and its reason
+is printed. Both sides stay loaded and take turns: round after round, each times `--steps` decode steps
+one by one while the other waits, so both see the same machine (on a shared VM the memory bandwidth
+moves by a third from one minute to the next, and one side timed after the other measures the VM).
+Where the two do not fit in memory together (3B f32 on 24 GiB) they run one after the other, and the
+line says so. Our side is engine "compiled" (engine "eager" where compiled is unsupported); at 16 bit
+each side takes its 16-bit types (ours: those device.usable_dtypes allows here; llama.cpp: F16 and
+BF16, the faster counts); int8 is w8a8 against Q8_0 (on npu Q8_0 is w8a16: see engine_llamacpp). Same
+weights (synthetic unless --weights), same prompt, same threads.
 Last line: ratio = llama.cpp TPOT / our TPOT (above 1: we are faster), or `failed` / `unsupported`.
 """
 import argparse
 import json
 import re
+import select
 import signal
 import subprocess
 import sys
-import time
+import tempfile
+from pathlib import Path
 
 ENGINES_OURS = ("compiled", "eager")
 
 
-def child(cfg: dict) -> dict:
-    """Load one engine configuration and time batch-1 decode steps one by one (this process only)."""
+def serve(cfg: dict) -> None:
+    """The child: load one configuration, prefill and warm up, say READY; then for each number n read
+    from stdin, time n decode steps one by one and print them; 0 ends."""
     from llmbench import engine  # before torch: its allocator's huge-page setting (llmbench/__init__.py)
     import torch
     from llmbench.device import synchronize, timed, torch_device
@@ -29,41 +36,86 @@ def child(cfg: dict) -> dict:
     from llmbench.models import load_config
     from llmbench.quant import Unsupported
     from llmbench.workload import make_batch
-    kind, ctx, steps, warmup = cfg["kind"], cfg["context"], cfg["steps"], cfg["warmup"]
+    kind, ctx, warmup = cfg["kind"], cfg["context"], cfg["warmup"]
     req = LoadRequest(cfg["engine"], cfg["model"], cfg["weights"], cfg["dtype"], cfg["quant"], kind,
-                      max_batch=1, max_seq=ctx + warmup + steps + 1, tokens="random")
+                      max_batch=1, max_seq=ctx + warmup + cfg["max_steps"] + 1, tokens="random")
     try:
         e = engine.load(req)
     except (Unsupported, ImportError) as err:
-        return {"status": f"unsupported: {err}"}
+        print("READY " + json.dumps({"status": f"unsupported: {err}"}), flush=True)
+        return
     ids, _ = make_batch(1, ctx, load_config(cfg["model"]), 0)
-    ids = ids.to(torch_device(kind))
     with torch.inference_mode():
-        state, tok = engine.prefill(e, ids)
+        state, tok = engine.prefill(e, ids.to(torch_device(kind)))
         for _ in range(warmup):
             state, tok = engine.decode(e, state, tok)
-        samples = []
-        for _ in range(steps):
-            (state, tok), s = timed(lambda: engine.decode(e, state, tok), kind)
-            samples.append(s)
         synchronize(kind)
+        print("READY " + json.dumps({"status": "ok", "description": e.description, "gguf_type": e.extra.get("gguf_type"),
+                                     "compute_dtype": e.compute_dtype}), flush=True)
+        for line in sys.stdin:
+            samples = []
+            for _ in range(int(line)):
+                (state, tok), s = timed(lambda: engine.decode(e, state, tok), kind)
+                samples.append(s)
+            if not samples:
+                break
+            print("SAMPLES " + json.dumps(samples), flush=True)
         engine.release(e, state)
-    return {"status": "ok", "tpot_s": samples, "description": e.description,
-            "gguf_type": e.extra.get("gguf_type"), "compute_dtype": e.compute_dtype}
 
 
-def run_one(cfg: dict, timeout: int) -> dict:
-    """One configuration in a fresh process; a crash or a hang is a result with its reason."""
-    t0 = time.perf_counter()
+def start(cfg: dict, timeout: int) -> dict:
+    """A configuration's process, loaded and warmed up: {"status", "blocks", ...} (status "ok" when ready)."""
+    err = tempfile.TemporaryFile(mode="w+")
+    p = subprocess.Popen([sys.executable, __file__, "--serve", json.dumps(cfg)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+    h = {"proc": p, "err": err, "blocks": [], "status": "starting"}
+    msg = reply(h, "READY", timeout)
+    if msg is not None:
+        h.update(msg)
+    return h
+
+
+def reply(h: dict, tag: str, timeout: int):
+    """The child's next `tag` line as JSON, or None with h["status"] saying why it never came."""
+    p = h["proc"]
+    while True:
+        if not select.select([p.stdout], [], [], timeout)[0]:
+            p.kill()
+            h["status"] = f"failed: no answer within {timeout} s"
+            return None
+        line = p.stdout.readline()
+        if not line:  # the child died: say how, and what it was doing
+            p.wait()
+            h["err"].seek(0)
+            h["status"] = failure(p.returncode, h["err"].read())
+            return None
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1:])
+
+
+def steps(h: dict, n: int, timeout: int) -> None:
+    if h["status"] != "ok":
+        return
     try:
-        p = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"failed: timed out after {timeout} s"}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith("PEER "):
-            return {**json.loads(line[5:]), "wall_s": time.perf_counter() - t0}
-    return {"status": failure(p.returncode, p.stderr)}
+        h["proc"].stdin.write(f"{n}\n")
+        h["proc"].stdin.flush()
+    except BrokenPipeError:
+        pass  # reply() reads the death and its reason
+    s = reply(h, "SAMPLES", timeout)
+    if s is not None:
+        h["blocks"].append(s)
+
+
+def stop(h: dict) -> None:
+    p = h["proc"]
+    try:
+        p.stdin.write("0\n")
+        p.stdin.close()
+        p.wait(timeout=60)
+    except (BrokenPipeError, OSError, ValueError, subprocess.TimeoutExpired):
+        p.kill()
+        p.wait()
+    h["err"].close()
 
 
 def failure(returncode: int, stderr: str) -> str:
@@ -77,23 +129,60 @@ def failure(returncode: int, stderr: str) -> str:
     return f"failed: {how}; " + "; ".join(phase + error)
 
 
-def median_ms(r: dict) -> float:
-    s = sorted(r["tpot_s"])
+def export(cfg: dict, timeout: int) -> int:
+    """Write the configuration's GGUF now, in a process of its own (it loads the model), so that it is
+    not written beside a loaded engine; returns its size in bytes (0 if it could not be written)."""
+    try:
+        p = subprocess.run([sys.executable, __file__, "--export", json.dumps(cfg)], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 0
+    m = re.search(r"^GGUF (\d+)$", p.stdout, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def gguf_size(cfg: dict) -> None:
+    from llmbench import engine_llamacpp, gguf_export
+    from llmbench.models import check_weights_path
+    t = engine_llamacpp.gguf_type(cfg["dtype"], cfg["quant"], cfg["kind"])
+    g = gguf_export.export(cfg["model"], check_weights_path(cfg["weights"]), 0, t, cfg["dtype"])
+    print(f"GGUF {g.path.stat().st_size}")
+
+
+def mem_available() -> int:
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+def median_ms(blocks) -> float:
+    s = sorted(x for b in blocks for x in b)
     return 1e3 * s[len(s) // 2]
 
 
-def best(results: dict) -> tuple[str, dict]:
-    """The fastest configuration that ran, or the most telling failure (failed before unsupported)."""
-    ok = {k: r for k, r in results.items() if r["status"] == "ok"}
-    if ok:
-        k = min(ok, key=lambda k: median_ms(ok[k]))
-        return k, ok[k]
-    k = next((k for k, r in results.items() if r["status"].startswith("failed")), next(iter(results)))
-    return k, results[k]
-
-
-def show(k: str, r: dict) -> str:
-    return f"{k} {median_ms(r):.1f} ms" if r["status"] == "ok" else f"{k} {r['status']}"
+def compare(ours, ours_cfg: dict, peer_cfg: dict, size: int, args) -> tuple:
+    """Time ours and one llama.cpp type (GGUF of `size` bytes, written already) in turns. Returns (our
+    handle, or None if it had to stop to make room; the peer's handle; our blocks of those same rounds;
+    how they ran). `ours` may be None: then it is started here."""
+    together = size and mem_available() > 1.2 * size + 2**30
+    if ours is None:
+        ours = start(ours_cfg, args.timeout)
+    first = len(ours["blocks"])
+    if not together:  # ours alone, then the peer alone
+        for _ in range(args.rounds):
+            steps(ours, args.steps, args.timeout)
+        mine = ours["blocks"][first:]
+        stop(ours)
+        peer = start(peer_cfg, args.timeout)
+        for _ in range(args.rounds):
+            steps(peer, args.steps, args.timeout)
+        stop(peer)
+        return None, peer, mine, "one after the other (the two do not fit in memory together)"
+    peer = start(peer_cfg, args.timeout)
+    for r in range(args.rounds):
+        for h in ((ours, peer) if r % 2 == 0 else (peer, ours)):
+            steps(h, args.steps, args.timeout)
+    stop(peer)
+    return ours, peer, ours["blocks"][first:], "in alternating rounds"
 
 
 def main():
@@ -102,14 +191,17 @@ def main():
     ap.add_argument("--weights", default="synthetic")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--context", type=int, default=64, help="prompt tokens before the timed steps")
-    ap.add_argument("--steps", type=int, default=16, help="decode steps timed one by one")
+    ap.add_argument("--steps", type=int, default=8, help="decode steps timed one by one per round and side")
+    ap.add_argument("--rounds", type=int, default=4, help="turns each side takes")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration (export, load, compile, run)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per step of a child (export, load, compile, a round)")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--export", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:  # the child: one configuration, one JSON line
-        print("PEER " + json.dumps(child(json.loads(args.one))), flush=True)
-        return
+    if args.serve:
+        return serve(json.loads(args.serve))
+    if args.export:
+        return gguf_size(json.loads(args.export))
     from llmbench.device import pick_device, usable_dtypes
     from llmbench.errors import check_choice
     from llmbench.models import model_names
@@ -123,36 +215,59 @@ def main():
         if usable[d]:
             print(f"ours {d}: not run on {kind}: {usable[d]}")
     int8_dtype = "fp32" if kind == "cpu" else (ours16 or ["fp32"])[0]  # w8a8's activations on the CPU are fp32
-    base = dict(weights=args.weights, kind=kind, context=args.context, steps=args.steps, warmup=args.warmup)
-    precisions = {  # name -> (our (dtype, quant) candidates, llama.cpp's (dtype, quant) candidates)
-        "f32": ([("fp32", "none")], [("fp32", "none")]),
-        "16bit": ([(d, "none") for d in ours16], [("fp16", "none"), ("bf16", "none")]),
-        "int8": ([(int8_dtype, "w8a8")], [(int8_dtype, "w8a8" if kind != "npu" else "w8a16")]),
+    precisions = {  # name -> (our (dtype, quant), llama.cpp's (dtype, quant) candidates)
+        "f32": ("fp32", "none", [("fp32", "none")]),
+        "16bit": ((ours16 or [None])[0], "none", [("fp16", "none"), ("bf16", "none")]),
+        "int8": (int8_dtype, "w8a8", [(int8_dtype, "w8a8" if kind != "npu" else "w8a16")]),
     }
     summary = []
     for model in args.models:
         cells = []
-        for prec, (ours_c, peer_c) in precisions.items():
-            ours = {f"{eng} {d} {q}": run_one({**base, "engine": eng, "model": model, "dtype": d, "quant": q},
-                                              args.timeout) for d, q in ours_c for eng in ENGINES_OURS}
-            if not ours:
-                ours = {"ours 16-bit": {"status": f"unsupported: no 16-bit dtype is usable on {kind}"}}
-            peer = {}
+        for prec, (dtype, quant, peer_c) in precisions.items():
+            base = dict(weights=args.weights, kind=kind, context=args.context, warmup=args.warmup, model=model,
+                        max_steps=args.rounds * args.steps * len(peer_c))
+            if dtype is None:
+                print(f"{model} {prec}: ours unsupported: no 16-bit dtype is usable on {kind}", flush=True)
+                cells.append(f"{prec}=unsupported")
+                continue
+            # every GGUF first, each in a process of its own, before any engine holds memory
+            sizes = {(d, q): export({**base, "engine": "llamacpp", "dtype": d, "quant": q}, args.timeout)
+                     for d, q in peer_c}
+            ours, why = None, []
+            for eng in ENGINES_OURS:  # compiled is our fast path; eager only where compiled cannot run
+                ours = start({**base, "engine": eng, "dtype": dtype, "quant": quant}, args.timeout)
+                if ours["status"] == "ok":
+                    break
+                why.append(f"{eng}: {ours['status']}")
+                stop(ours)
+            ours_cfg = {**base, "engine": eng, "dtype": dtype, "quant": quant}
+            if ours["status"] != "ok":
+                print(f"{model} {prec}: ours {'; '.join(why)}", flush=True)
+                cells.append(f"{prec}={'failed' if any('failed' in w for w in why) else 'unsupported'}")
+                continue
+            desc, pairs = ours["description"], {}
             for d, q in peer_c:
-                r = run_one({**base, "engine": "llamacpp", "model": model, "dtype": d, "quant": q}, args.timeout)
-                peer[f"llama.cpp {r.get('gguf_type') or d + ' ' + q}"] = r
-            (ko, ro), (kp, rp) = best(ours), best(peer)
-            line = f"{model} {prec}: ours " + ", ".join(show(k, r) for k, r in ours.items())
-            line += " | " + ", ".join(show(k, r) for k, r in peer.items())
-            if ro["status"] == "ok" and rp["status"] == "ok":
-                r, lo, hi = ratio_of_medians(ro["tpot_s"], rp["tpot_s"])
-                cell = f"{r:.2f}"
-                line += f"\n    {kp} / {ko}: {r:.2f} (95% CI {lo:.2f}-{hi:.2f}); {ro['description']}"
-                line += f"\n    llama.cpp: {rp['description']}"
-            else:
-                cell = "failed" if "failed" in (ro["status"][:6], rp["status"][:6]) else "unsupported"
-            print(line, flush=True)
-            cells.append(f"{prec}={cell}")
+                peer_cfg = {**base, "engine": "llamacpp", "dtype": d, "quant": q}
+                ours, peer, mine, how = compare(ours, ours_cfg, peer_cfg, sizes[(d, q)], args)
+                pairs[f"llama.cpp {peer.get('gguf_type') or d + ' ' + q}"] = (peer, mine, how)
+            if ours is not None:
+                stop(ours)
+            ok = {k: v for k, v in pairs.items() if v[0]["status"] == "ok" and v[0]["blocks"] and v[1]}
+            for k, (peer, mine, how) in pairs.items():
+                if k not in ok:
+                    print(f"{model} {prec}: {k} {peer['status']}", flush=True)
+            if not ok:
+                cells.append(f"{prec}={'failed' if any('failed' in v[0]['status'] for v in pairs.values()) else 'unsupported'}")
+                continue
+            k = min(ok, key=lambda k: median_ms(ok[k][0]["blocks"]))  # llama.cpp's faster type
+            peer, mine, how = ok[k]
+            r, lo, hi = ratio_of_medians(mine, peer["blocks"])
+            print(f"{model} {prec}: ours {eng} {dtype} {quant} {median_ms(mine):.1f} ms | "
+                  + ", ".join(f"{kk} {median_ms(v[0]['blocks']):.1f} ms (ours {median_ms(v[1]):.1f} ms beside it)"
+                              for kk, v in ok.items())
+                  + f"\n    {k} / ours: {r:.2f} (95% CI {lo:.2f}-{hi:.2f}), {args.rounds} rounds of {args.steps} steps, "
+                  f"{how}; ours: {desc}\n    llama.cpp: {peer['description']}", flush=True)
+            cells.append(f"{prec}={r:.2f}")
         summary.append(f"{model.rsplit('-', 1)[-1]} " + " ".join(cells))
     print("peer: " + " | ".join(summary))
 
