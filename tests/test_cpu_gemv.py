@@ -28,6 +28,14 @@ def test_gemv_keeps_leading_dims_and_works_inside_a_compiled_graph():
     assert torch.allclose(out, (x @ w.t()).relu(), atol=1e-5)
 
 
+def test_gemv_refuses_mismatched_shapes_before_reading_past_a_buffer():
+    with pytest.raises(ValueError, match=r"x \(1, 8\).*w \(4, 16\)"):
+        torch.ops.llmbench.gemv(torch.randn(1, 8), torch.randn(4, 16))
+    q = cpu_gemv.W8A8Linear(torch.nn.Linear(16, 4, bias=False))
+    with pytest.raises(ValueError, match="scale"):
+        torch.ops.llmbench.gemv_w8a8(torch.randn(1, 16), q.weight, q.scale[:2], q.wsum)
+
+
 def test_gemv_refuses_mixed_or_unsupported_dtypes():
     with pytest.raises(ValueError, match="fp32 or bf16"):
         torch.ops.llmbench.gemv(torch.randn(1, 8), torch.randn(4, 8).bfloat16())

@@ -300,3 +300,15 @@ def test_provenance_names_the_npu_dispatch_settings_and_noise_counts():
                                                                                         "attempts": 1, "disturbance": None}])
     text = R.noise_text(d)
     assert "1 of 2 records measured in a window that was not quiet" in text and "at most 3" in text
+
+
+def test_peer_ratio_takes_our_faster_engine_and_judges_by_the_ci():
+    # eager (fixed 17 ms/step) and compiled (2 ms) against a llama.cpp that is 5 ms/step slower than compiled
+    d = pd.concat([study(("eager", "compiled")), frame([tpot(m, "llamacpp", c, fixed=0.007) for m in (S, L)
+                                                        for c in (64, 256)])])
+    t = E.peer_ratio(d)
+    assert list(t.model) == [S, L] and (t.context == 64).all()
+    assert t["our best path"].str.startswith("compiled").all() and (t.verdict == "ours faster").all()
+    r = float(t["llama.cpp / ours"].iat[0].split()[0])
+    assert r > 1
+    assert E.peer_ratio(study(("eager", "compiled"))).empty  # no llama.cpp records: no table

@@ -1,8 +1,9 @@
 // Decode-time linears on CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a handful of rows m.
 // Memory bound: every weight byte is read once per call; threads take blocks of ROWS weight rows, and
 // each x row is reused from cache across a block. fp32 and bf16 stream one row at a time with four
-// accumulators (5% faster here than eight rows side by side); int8 keeps eight rows side by side. Built by cpu_gemv.py with -O3 -march=native -fopenmp: the
-// AVX-512 paths exist only where the CPU has them, the plain C loops (omp simd) vectorize anywhere.
+// accumulators (5% faster here than eight rows side by side); int8 keeps eight rows side by side.
+// Built by cpu_gemv.py with -O3 -march=native -fopenmp: the AVX-512 paths exist only where the CPU has
+// them, the plain C loops (omp simd) vectorize anywhere.
 // Threads: OpenMP, the same libgomp and thread count as torch in the calling process; rows are handed out
 // in chunks of 4 blocks as threads free up (as llama.cpp does), so a vCPU the host pauses delays no one.
 #include <math.h>

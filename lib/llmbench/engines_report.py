@@ -79,6 +79,30 @@ def ratio_by_engine(df) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def peer_ratio(df) -> pd.DataFrame:
+    """llama.cpp's batch-1 TPOT over our best path's (the faster of eager and compiled) at the same model,
+    dtype, quantization and context: above 1, ours is faster."""
+    tp = R.ok(df, metric="tpot", batch=1)
+    if "engine" not in tp or "llamacpp" not in set(tp.engine):
+        return pd.DataFrame()
+    rows = []
+    for (model, dtype, quant), g in tp.groupby(["model", "dtype", "quant"]):
+        peer, ours = g[g.engine == "llamacpp"], g[g.engine != "llamacpp"]
+        common = sorted(set(peer.context_len) & set(ours.context_len))
+        if not common:
+            continue
+        peer, ours = peer[peer.context_len == common[0]], ours[ours.context_len == common[0]]
+        best = min(ours.engine.unique(), key=lambda e: np.median(R.pooled(ours[ours.engine == e])))
+        o = ours[ours.engine == best]
+        r, lo, hi = ratio_of_medians(R.repeats(o), R.repeats(peer))
+        verdict = ("ours faster" if lo > 1 else "llama.cpp faster" if hi < 1 else "no difference beyond the CI")
+        rows.append({"model": model, "dtype": dtype, "quant": quant, "context": int(common[0]),
+                     "our best path": f"{best}, {R.fmt_time(np.median(R.pooled(o)))}",
+                     "llama.cpp": R.fmt_time(np.median(R.pooled(peer))),
+                     "llama.cpp / ours": R.fmt_ci(r, lo, hi), "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
 def overhead(df) -> pd.DataFrame:
     """eager/compiled batch-1 TPOT per model and dtype (same context): the share of eager's time that is
     overhead the compiled engine removes."""
