@@ -182,9 +182,16 @@ def test_peer_names_the_type_and_backend_of_a_crash():
     why = peer.failure(p.returncode, p.stderr)
     assert why.startswith("failed: killed by SIGSEGV; llmbench llamacpp: llama-3.2-1b Q8_0 on CPU: first decode")
     assert "Fatal Python error: Segmentation fault" in why
-    ok = {"status": "ok", "tpot_s": [0.2, 0.3, 0.25]}
-    assert peer.best({"a": {"status": "unsupported: x"}, "b": ok})[0] == "b"
-    assert peer.best({"a": {"status": "unsupported: x"}, "b": {"status": why}})[1]["status"] == why
+    # the same crash in a served child: the parent's wait for its READY line ends with that reason
+    import tempfile
+    err = tempfile.TemporaryFile(mode="w+")
+    child = subprocess.Popen([sys.executable, "-c", crash], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                             text=True)
+    h = {"proc": child, "err": err, "blocks": [], "status": "starting"}
+    assert peer.reply(h, "READY", 120) is None and h["status"] == why
+    peer.steps(h, 3, 5)  # a dead side is asked for nothing and keeps its reason
+    assert h["blocks"] == [] and h["status"] == why
+    peer.stop(h)
     dynamo = "Traceback (most recent call last):\n  File x\ntorch._dynamo.exc.Unsupported: call_method foo\n\nSet TORCHDYNAMO_VERBOSE=1"
     assert peer.failure(1, dynamo) == "failed: exit status 1; torch._dynamo.exc.Unsupported: call_method foo"
 
