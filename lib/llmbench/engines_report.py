@@ -5,7 +5,6 @@ Records carry `engine` (eager | compiled | llamacpp). Compile time is experiment
 "compile_time" (s); recompilations during timed steps are metric "recompiles" (or named in a note).
 """
 import numpy as np
-
 import pandas as pd
 
 from . import report as R
