@@ -1,5 +1,7 @@
 """The report's judgements on small synthetic record frames: anomalies, verdicts, the TPOT fit, the
 engine axis, What to choose, figures' alt text. No notebook runs here: each test takes well under a second."""
+import zlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,7 +22,8 @@ FIXED = 0.017  # s per step
 
 
 def rec(metric, median, model=S, spread=0.01, n=9, **kw):
-    rng = np.random.default_rng(abs(hash((metric, model, str(sorted(kw.items()))))) % 2**32)
+    # a stable seed: hash() of a string changes with PYTHONHASHSEED, so each run drew other noise
+    rng = np.random.default_rng(zlib.crc32(repr((metric, model, sorted(kw.items()))).encode()))
     samples = list(median * (1 + spread * rng.standard_normal(n)))
     row = {"run_id": f"run-{model}-{kw.get('engine', 'eager')}", "experiment": kw.pop("experiment", "decode"),
            "model": model, "weights": "synthetic", "weights_source": "synthetic", "tokens": "synthetic-ids",
@@ -176,10 +179,13 @@ def test_quant_gain_is_judged_against_16_bit_when_it_ran():
 
 def test_ratio_claims_are_judged_per_engine():
     claim = _claim(check="tpot_ratio", device="any", range=[2.0, 3.0])
-    out = C.check_all(study(("eager", "compiled")), R.projection([S, L]), claims=[claim])
+    # eager with a 40 ms fixed cost per step: 3B/1B = (40 + 64) / (40 + 25) ms = 1.6, below the claim
+    d = frame([tpot(m, e, c, fixed=0.040 if e == "eager" else 0.002) for e in ("eager", "compiled") for m in (S, L)
+               for c in (64, 256)])
+    out = C.check_all(d, R.projection([S, L]), claims=[claim])
     assert sorted(o["engine"] for o in out) == ["compiled", "eager"]
     by = {o["engine"]: o["verdict"] for o in out}
-    assert by["eager"] == "contradicted"  # a 17 ms fixed cost pulls the ratio below 2 (1.9)
+    assert by["eager"] == "contradicted"
     assert by["compiled"] == "supported"
 
 
