@@ -2,19 +2,21 @@
 
     python benchmarks/engines.py [--dtype auto] [--context 32] [--steps 16] [--repeats 3] [--models ...]
 
-For each engine, both models are loaded (synthetic weights of the exact architecture), compiled (timed
-on its own) and warmed up; then their repeats alternate, each a block of decode steps timed one by one
-with device synchronization. MBU is the cost model's
-bytes of one step (weights streamed + KV cache) over the median step time of a repeat, against the read
-rate measured right before that repeat: on CPU the best of 3 reads of the engine's own weight tensors by
-the C read loop, elsewhere ceilings.measure_bandwidth's device buffer; the median over repeats is printed.
-On a shared VM the bandwidth drifts by a third within minutes, so each repeat is held to what memory
-delivered in its own time window. Greedy tokens of the two engines are compared on the same prompt.
-Last line, exactly:
+Per model, engine "compiled" is loaded (synthetic weights of the exact architecture; its compile timed on
+its own) and engine "eager" runs transformers on the very same weight tensors (the compiled engine keeps
+that model as its reference), so both models and both engines stay loaded at once. Repeats alternate
+model and engine: each is a block of decode steps timed one by one with device synchronization, so the
+eager/compiled and 3B/1B ratios compare the same machine phases (a shared VM's memory bandwidth moves
+by half from one minute to the next).
+MBU of a step = the cost model's bytes of one step (weights streamed + KV cache) over its time, against
+the read rate of the engine's own weight tensors measured right before that step (on CPU one pass of the
+C read loop, or torch's sum without a C compiler; elsewhere ceilings.measure_bandwidth's device buffer,
+once); the median over all steps is printed. Greedy tokens of the two engines are compared on the same
+prompt. Last line, exactly:
   engines: 1b eager MBU=<x> compiled MBU=<y> | 3b eager MBU=<x> compiled MBU=<y> | 3b/1b compiled TPOT ratio=<r>
 """
 import argparse
-import gc
+import dataclasses
 import sys
 import time
 
@@ -25,14 +27,15 @@ import torch
 
 from llmbench import ceilings, engine
 from llmbench import costmodel as cm
-from llmbench.device import DTYPES, empty_cache, fastest_dtype, pick_device, torch_device
+from llmbench.device import DTYPES, fastest_dtype, pick_device, timed, torch_device
 from llmbench.errors import UserError, check_choice
-from llmbench.measure import time_decode
+from llmbench.measure import compiles_so_far
 from llmbench.quant import Unsupported
 from llmbench.stats import flatten, ratio_of_medians
 from llmbench.workload import make_batch
 
 MODELS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
+ENGINES = ("eager", "compiled")
 
 
 def read_bandwidth(kind: str) -> float:
@@ -41,45 +44,73 @@ def read_bandwidth(kind: str) -> float:
     return ceilings.from_records(pd.DataFrame(rows))["bandwidth"]
 
 
-def weights_read_bandwidth(e, repeats: int = 3) -> float:
-    """Best rate (B/s) at which the C read loop reads the engine's own weight tensors once, on CPU: the
-    very bytes a decode step streams, wherever the allocator placed them. Elsewhere: a device buffer."""
+def weight_reader(e, device_rate: float):
+    """() -> B/s: one read of the engine's own weight tensors, the very bytes a decode step streams,
+    wherever the allocator placed them (CPU: the C read loop, or torch's sum where it cannot be built).
+    On accelerators the device buffer's rate, measured once (their bandwidth does not drift like a VM's)."""
     if e.kind != "cpu":
-        return read_bandwidth(e.kind)
-    from llmbench import cpu_gemv
+        return lambda: device_rate
     seen, flat = set(), []
-    for t in [*e.model.parameters(), *e.model.buffers()]:
+    for t in e.model.parameters():
         if t.data_ptr() not in seen and t.is_contiguous() and t.numel() * t.element_size() % 4 == 0:
             seen.add(t.data_ptr())
             flat.append(t.detach().reshape(-1).view(torch.float32))
-    nbytes, best = sum(f.numel() * 4 for f in flat), float("inf")
-    for _ in range(repeats):
+    nbytes = sum(f.numel() * 4 for f in flat)
+    try:
+        from llmbench import cpu_gemv
+        cpu_gemv.library()
+        read = cpu_gemv.read_f32
+    except Unsupported:
+        read = torch.sum
+
+    def rate():
         t0 = time.perf_counter()
         for f in flat:
-            cpu_gemv.read_f32(f)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+            read(f)
+        return nbytes / (time.perf_counter() - t0)
+    return rate
 
 
-def load_one(name, eng, dtype, kind, context, steps, gen_tokens):
-    """Load one engine and run the greedy generation that is both the token comparison and the warm-up
-    that compiles every shape; returns the engine, the prompt and its result record."""
-    e = engine.load(engine.LoadRequest(engine=eng, model=name, weights="synthetic", dtype=dtype, quant="none",
-                                       kind=kind, max_batch=1, max_seq=context + 2 + steps + gen_tokens,
-                                       tokens="random"))
-    ids = make_batch(1, context, e.cfg, 0, None)[0].to(torch_device(kind))
-    tokens = engine.generate(e, ids, gen_tokens).cpu()
-    step_bytes = cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)
-    return e, ids, dict(blocks=[], wbw=[], recompiles=0, bytes=step_bytes, compile_s=e.compile_s, load_s=e.load_s,
-                        tokens=tokens, description=e.description)
+def load_model(name, dtype, kind, context, steps, gen_tokens, device_rate):
+    """{engine: (Engine, result record)} of one model: compiled, and eager on the same tensors (eager alone
+    where compiled is unsupported). Each runs the greedy generation that is both the token comparison and
+    the warm-up that compiles every shape."""
+    req = engine.LoadRequest(engine="compiled", model=name, weights="synthetic", dtype=dtype, quant="none",
+                             kind=kind, max_batch=1, max_seq=context + 3 + steps + gen_tokens, tokens="random")
+    out = {}
+    try:
+        c = engine.load(req)
+        out["compiled"] = c
+        out["eager"] = dataclasses.replace(c, name="eager", model=c.extra["reference"], compile_s=0.0, extra={},
+                                           description="transformers eager, DynamicCache, on the same tensors")
+    except Unsupported as why:
+        print(f"{name} compiled: unsupported: {why}", flush=True)
+        out["eager"] = engine.load(dataclasses.replace(req, engine="eager"))
+    ids = make_batch(1, context, out["eager"].cfg, 0, None)[0].to(torch_device(kind))
+    res = {}
+    for eng, e in out.items():
+        tokens = engine.generate(e, ids, gen_tokens).cpu()
+        res[eng] = (e, dict(ids=ids, blocks=[], rates=[], recompiles=0, tokens=tokens, compile_s=e.compile_s,
+                            load_s=e.load_s, read=weight_reader(e, device_rate),
+                            bytes=cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)))
+    return res
 
 
-def time_repeat(e, ids, r: dict, steps: int) -> None:
-    """One repeat: a read of the engine's own weights, then a block of decode steps right after it."""
-    r["wbw"].append(weights_read_bandwidth(e))
-    b, n = time_decode(e, ids, e.kind, steps=steps, warmup=2, repeats=1)
-    r["blocks"] += b
-    r["recompiles"] += n
+def time_repeat(e, r: dict, steps: int) -> None:
+    """One repeat: prefill, two warm-up steps, then `steps` decode steps timed one by one, each right
+    after one read of the engine's own weights (the rate it is held to)."""
+    state, tok = engine.prefill(e, r["ids"])
+    for _ in range(2):
+        state, tok = engine.decode(e, state, tok)
+    before, block, rates = compiles_so_far(e), [], []
+    for _ in range(steps):
+        rates.append(r["read"]())
+        (state, tok), t = timed(lambda: engine.decode(e, state, tok), e.kind)
+        block.append(t)
+    r["recompiles"] += compiles_so_far(e) - before
+    engine.release(e, state)
+    r["blocks"].append(block)
+    r["rates"].append(rates)
 
 
 def main():
@@ -97,35 +128,29 @@ def main():
     kind = pick_device(args.device)
     dtype = fastest_dtype(kind) if args.dtype == "auto" else args.dtype
     check_choice("dtype", dtype, list(DTYPES))
+    device_rate = read_bandwidth(kind)
     print(f"device {kind}, dtype {dtype}, {torch.get_num_threads()} threads; read bandwidth of a fresh buffer "
-          f"(as 00_device measures it) {read_bandwidth(kind) / 1e9:.1f} GB/s", flush=True)
+          f"(as 00_device measures it) {device_rate / 1e9:.1f} GB/s", flush=True)
+    loaded = {short: load_model(MODELS[short], dtype, kind, args.context, args.steps, args.gen_tokens, device_rate)
+              for short in args.models}
+    for rep in range(args.repeats):  # alternate models and engines; the order flips every repeat
+        order = [(s, g) for s in args.models for g in ENGINES if g in loaded[s]]
+        for short, eng in (order if rep % 2 == 0 else order[::-1]):
+            time_repeat(*loaded[short][eng], args.steps)
     res = {}
-    for eng in ("eager", "compiled"):
-        # Both models loaded, their repeats alternated: the 3B/1B ratio compares the same machine phases.
-        loaded = {}
-        for short in args.models:
-            try:
-                loaded[short] = load_one(MODELS[short], eng, dtype, kind, args.context, args.steps, args.gen_tokens)
-            except Unsupported as why:
-                print(f"{short} {eng}: unsupported: {why}", flush=True)
-        for _ in range(args.repeats):
-            for e, ids, r in loaded.values():
-                time_repeat(e, ids, r, args.steps)
-        for short, (e, ids, r) in loaded.items():
-            r["tpot"] = float(np.median(flatten(r["blocks"])))
-            # per repeat: bytes / median step time / the weights' read rate just before it; then the median
-            r["mbu"] = float(np.median([r["bytes"] / np.median(b) / w for b, w in zip(r["blocks"], r["wbw"])]))
-            res[(short, eng)] = r
+    for short in args.models:
+        for eng, (e, r) in sorted(loaded[short].items()):  # eager, then compiled
             s = flatten(r["blocks"])
+            r["tpot"] = float(np.median(s))
+            r["mbu"] = float(np.median(r["bytes"] / s / flatten(r["rates"])))
+            res[(short, eng)] = r
+            rates = flatten(r["rates"])
             print(f"{short} {eng:>8}: TPOT median {r['tpot'] * 1e3:.1f} ms (min {s.min() * 1e3:.1f}, max "
-                  f"{s.max() * 1e3:.1f}, n={s.size}), MBU {r['mbu']:.2f} of the weights' read rate ("
-                  f"{', '.join(f'{w / 1e9:.1f}' for w in r['wbw'])} GB/s before each repeat) "
-                  f"({r['bytes'] / 1e9:.2f} GB/step), load {r['load_s']:.1f} s, compile {r['compile_s']:.1f} s"
+                  f"{s.max() * 1e3:.1f}, n={s.size}), MBU {r['mbu']:.2f} of the weights' read rate just before "
+                  f"each step ({np.median(rates) / 1e9:.1f} GB/s median, {rates.min() / 1e9:.1f}-"
+                  f"{rates.max() / 1e9:.1f}) ({r['bytes'] / 1e9:.2f} GB/step), load {r['load_s']:.1f} s, "
+                  f"compile {r['compile_s']:.1f} s"
                   + (f", {r['recompiles']} RECOMPILES during timing" if r["recompiles"] else ""), flush=True)
-        loaded.clear()
-        e = None  # the loop's last engine: free it before the next engine loads
-        gc.collect()
-        empty_cache(kind)
     for short in args.models:
         if (short, "eager") in res and (short, "compiled") in res:
             a, b = res[(short, "eager")], res[(short, "compiled")]

@@ -163,9 +163,9 @@ def compare(ours, ours_cfg: dict, peer_cfg: dict, size: int, args) -> tuple:
     """Time ours and one llama.cpp type (GGUF of `size` bytes, written already) in turns. Returns (our
     handle, or None if it had to stop to make room; the peer's handle; our blocks of those same rounds;
     how they ran). `ours` may be None: then it is started here."""
-    together = size and mem_available() > 1.2 * size + 2**30
     if ours is None:
         ours = start(ours_cfg, args.timeout)
+    together = size and mem_available() > 1.2 * size + 2**30  # with ours loaded: what is left for the peer
     first = len(ours["blocks"])
     if not together:  # ours alone, then the peer alone
         for _ in range(args.rounds):

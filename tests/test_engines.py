@@ -27,9 +27,9 @@ def test_compiled_and_eager_agree_on_tokens_and_logits():
     assert shapes and comp.compile_s > 0 and all(v > 0 for v in comp.extra["compiles"].values())
     assert eager.weight_bytes == comp.weight_bytes and eager.read_bytes == comp.read_bytes
     # a second decode at the same shapes compiles nothing new
-    before = measure._compiles(comp)
+    before = measure.compiles_so_far(comp)
     blocks, recompiles = measure.time_decode(comp, ids, "cpu", steps=3, warmup=1, repeats=2)
-    assert recompiles == 0 and measure._compiles(comp) == before and [len(b) for b in blocks] == [3, 3]
+    assert recompiles == 0 and measure.compiles_so_far(comp) == before and [len(b) for b in blocks] == [3, 3]
 
 
 def test_a_compilation_inside_timed_steps_is_counted_and_refused(monkeypatch):

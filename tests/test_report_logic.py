@@ -284,7 +284,7 @@ def test_compiled_records_that_compiled_while_timed_are_counted_and_agreement_is
     assert a["where tokens diverge"].iat[0] == ""
 
 
-@pytest.mark.parametrize("gap,tie", [(1e-3, True), (5e-2, False)])
+@pytest.mark.parametrize("gap,tie", [(1e-3, True), (1.5e-2, True), (5e-2, False)])
 def test_a_greedy_divergence_is_judged_by_the_top2_gap_against_the_logit_error_there(gap, tie):
     common = dict(engine="compiled", experiment="agreement", spread=0, dtype="bf16")
     d = frame([rec("greedy_steps_equal", 3, S, unit="tokens", new_tokens=16, **common),
@@ -294,7 +294,8 @@ def test_a_greedy_divergence_is_judged_by_the_top2_gap_against_the_logit_error_t
     a = E.agreement(d)
     assert a["greedy tokens equal to eager"].iat[0] == "3 of 16"
     text = a["where tokens diverge"].iat[0]
-    assert ("a near-tie" in text) and (("NOT a near-tie" in text) is not tie)
+    # each logit may be off by the error (0.01) in opposite directions: a gap below 0.02 can flip by rounding
+    assert text.split(": ", 1)[1].startswith("a near-tie" if tie else "NOT a near-tie")
 
 
 def test_provenance_names_the_npu_dispatch_settings_and_noise_counts():
@@ -314,7 +315,7 @@ def test_peer_ratio_takes_our_faster_engine_and_judges_by_the_ci():
                                                         for c in (64, 256)])])
     t = E.peer_ratio(d)
     assert list(t.model) == [S, L] and (t.context == 64).all()
-    assert t["our best path"].str.startswith("compiled").all() and (t.verdict == "ours faster").all()
+    assert t["our best path"].str.startswith("compiled").all() and t.verdict.str.startswith("ours faster within these records").all()
     r = float(t["llama.cpp / ours"].iat[0].split()[0])
     assert r > 1
     assert E.peer_ratio(study(("eager", "compiled"))).empty  # no llama.cpp records: no table

@@ -1,7 +1,7 @@
 // Decode-time linears on CPU: y[m, n] = sum_k x[m, k] * w[n, k] for a handful of rows m.
 // Memory bound: every weight byte is read once per call; threads take blocks of ROWS weight rows, and
 // each x row is reused from cache across a block. fp32 and bf16 stream one row at a time with four
-// accumulators (5% faster here than eight rows side by side); int8 keeps eight rows side by side.
+// accumulators (5-10% faster here than eight rows side by side).
 // Built by cpu_gemv.py with -O3 -march=native -fopenmp: the AVX-512 paths exist only where the CPU has
 // them, the plain C loops (omp simd) vectorize anywhere.
 // Threads: OpenMP, the same libgomp and thread count as torch in the calling process; rows are handed out
@@ -92,8 +92,15 @@ void gemv_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, in
 }
 
 void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n, int64_t k) {
-  float* xf = malloc(sizeof(float) * m * k);  // activations widened once for the portable path
-  for (int64_t j = 0; j < m * k; j++) xf[j] = bf16_to_f32(x[j]);
+  float* xf = NULL;  // activations widened once, only for the portable path
+#if defined(__AVX512BF16__)
+  if (k % 128 != 0)
+#endif
+  {
+    xf = malloc(sizeof(float) * m * k);
+    if (!xf) abort();
+    for (int64_t j = 0; j < m * k; j++) xf[j] = bf16_to_f32(x[j]);
+  }
   #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
@@ -109,28 +116,26 @@ void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int
 // w8a8: each x row quantized to int8 (symmetric, scale max|x| / 127, round to nearest even), w [n, k]
 // int8 with a per-row scale sw; y = sx * sw * (xq . wq), the dot product exact in int32. AVX512-VNNI's
 // vpdpbusd multiplies unsigned by signed bytes, so it takes xq + 128 and subtracts 128 * sum(w row) (wsum).
-static void rows_i8(const int8_t* xq, const uint8_t* xu, const int8_t* w, const int32_t* wsum, int32_t* acc,
-                    int64_t nr, int64_t k) {
+// One weight row at a time with four accumulators, as for fp32 and bf16: one stream per thread read
+// 10% faster here than eight rows side by side (89% against 80% of the read loop's rate).
+static int32_t row_i8(const int8_t* xq, const uint8_t* xu, const int8_t* wr, int32_t wsum, int64_t k) {
 #if defined(__AVX512VNNI__)
-  if (nr == ROWS && k % 64 == 0) {
-    __m512i s[ROWS];
-    for (int r = 0; r < ROWS; r++) s[r] = _mm512_setzero_si512();
-    for (int64_t j = 0; j < k; j += 64) {
-      __m512i xv = _mm512_loadu_si512(xu + j);
-      for (int r = 0; r < ROWS; r++) s[r] = _mm512_dpbusd_epi32(s[r], xv, _mm512_loadu_si512(w + r * k + j));
+  if (k % 256 == 0) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < k; j += 256) {
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + j), _mm512_loadu_si512(wr + j));
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xu + j + 64), _mm512_loadu_si512(wr + j + 64));
+      a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(xu + j + 128), _mm512_loadu_si512(wr + j + 128));
+      a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(xu + j + 192), _mm512_loadu_si512(wr + j + 192));
     }
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_reduce_add_epi32(s[r]) - 128 * wsum[r];
-    return;
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))) - 128 * wsum;
   }
 #endif
   (void)xu; (void)wsum;
-  for (int64_t r = 0; r < nr; r++) {
-    const int8_t* wr = w + r * k;
-    int32_t s = 0;
-    #pragma omp simd reduction(+:s)
-    for (int64_t j = 0; j < k; j++) s += (int32_t)xq[j] * (int32_t)wr[j];
-    acc[r] = s;
-  }
+  int32_t s = 0;
+  #pragma omp simd reduction(+:s)
+  for (int64_t j = 0; j < k; j++) s += (int32_t)xq[j] * (int32_t)wr[j];
+  return s;
 }
 
 void gemv_w8a8(const float* x, const int8_t* w, const float* sw, const int32_t* wsum, float* y,
@@ -138,29 +143,24 @@ void gemv_w8a8(const float* x, const int8_t* w, const float* sw, const int32_t* 
   int8_t* xq = malloc(m * k);
   uint8_t* xu = malloc(m * k);
   float* sx = malloc(sizeof(float) * m);
+  if (!xq || !xu || !sx) abort();  // a few KB: out of memory here means the process is lost anyway
   for (int64_t i = 0; i < m; i++) {
     const float* xi = x + i * k;
     float amax = 0;
     #pragma omp simd reduction(max:amax)
     for (int64_t j = 0; j < k; j++) amax = fmaxf(amax, fabsf(xi[j]));
     sx[i] = amax > 0 ? amax / 127 : 1;
-    float inv = 1 / sx[i];
     #pragma omp simd
-    for (int64_t j = 0; j < k; j++) {
-      int32_t q = (int32_t)fminf(fmaxf(nearbyintf(xi[j] * inv), -127.f), 127.f);
+    for (int64_t j = 0; j < k; j++) {  // x / sx, as the Python path for longer inputs divides
+      int32_t q = (int32_t)fminf(fmaxf(nearbyintf(xi[j] / sx[i]), -127.f), 127.f);
       xq[i * k + j] = (int8_t)q;
       xu[i * k + j] = (uint8_t)(q + 128);
     }
   }
-  #pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
-    int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
-    int32_t acc[ROWS];
-    for (int64_t i = 0; i < m; i++) {
-      rows_i8(xq + i * k, xu + i * k, w + r0 * k, wsum + r0, acc, nr, k);
-      for (int64_t r = 0; r < nr; r++) y[i * n + r0 + r] = (float)acc[r] * sx[i] * sw[r0 + r];
-    }
-  }
+  #pragma omp parallel for schedule(dynamic, 4 * ROWS)
+  for (int64_t r = 0; r < n; r++)
+    for (int64_t i = 0; i < m; i++)
+      y[i * n + r] = (float)row_i8(xq + i * k, xu + i * k, w + r * k, wsum[r], k) * sx[i] * sw[r];
   free(xq); free(xu); free(sx);
 }
 

@@ -68,9 +68,9 @@ def paths() -> str:
 
 def _check_shapes(x, w) -> None:
     """The kernels trust their sizes: a mismatch here would read past a buffer, so it is refused first."""
-    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or x.device.type != "cpu" or w.device.type != "cpu":
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or w.shape[1] == 0 or x.device.type != "cpu" or w.device.type != "cpu":
         raise ValueError(f"x {tuple(x.shape)} on {x.device} and w {tuple(w.shape)} on {w.device}: "
-                         "need CPU tensors with x [..., k] and w [n, k]")
+                         "need CPU tensors with x [..., k] and w [n, k], k > 0")
 
 
 @torch.library.custom_op("llmbench::gemv", mutates_args=())
@@ -102,7 +102,7 @@ def gemv_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, wsum: torch
     _check_shapes(x, w)
     if scale.shape != (w.shape[0],) or wsum.shape != (w.shape[0],):
         raise ValueError(f"gemv_w8a8: scale {tuple(scale.shape)} and wsum {tuple(wsum.shape)} must be ({w.shape[0]},)")
-    x, w = x.contiguous(), w.contiguous()
+    x, w, scale, wsum = x.contiguous(), w.contiguous(), scale.contiguous(), wsum.contiguous()
     n, k = w.shape
     y = x.new_empty(*x.shape[:-1], n)
     library().gemv_w8a8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), wsum.data_ptr(), y.data_ptr(),

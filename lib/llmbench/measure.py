@@ -13,7 +13,7 @@ from . import engine
 from .device import peak_memory, reset_peak_memory, timed
 
 
-def _compiles(e) -> int:
+def compiles_so_far(e) -> int:
     return getattr(engine.module(e.name), "compile_count", lambda e: 0)(e)
 
 
@@ -21,13 +21,13 @@ def time_prefill(e, ids, kind: str, warmup: int = 1, repeats: int = 3) -> tuple[
     """(seconds per repeat, compilations during the timed calls)."""
     for _ in range(max(warmup, 1)):
         engine.release(e, engine.prefill(e, ids)[0])
-    before = _compiles(e)
+    before = compiles_so_far(e)
     samples = []
     for _ in range(repeats):
         (state, _), t = timed(lambda: engine.prefill(e, ids), kind)
         engine.release(e, state)
         samples.append(t)
-    return samples, _compiles(e) - before
+    return samples, compiles_so_far(e) - before
 
 
 def time_decode(e, ids, kind: str, steps: int = 8, warmup: int = 2, repeats: int = 1):
@@ -39,12 +39,12 @@ def time_decode(e, ids, kind: str, steps: int = 8, warmup: int = 2, repeats: int
         state, tok = engine.prefill(e, ids)
         for _ in range(max(warmup, 1)):
             state, tok = engine.decode(e, state, tok)
-        before = _compiles(e)
+        before = compiles_so_far(e)
         block = []
         for _ in range(steps):
             (state, tok), t = timed(lambda: engine.decode(e, state, tok), kind)
             block.append(t)
-        recompiles += _compiles(e) - before
+        recompiles += compiles_so_far(e) - before
         engine.release(e, state)
         blocks.append(block)
     return blocks, recompiles
@@ -53,9 +53,9 @@ def time_decode(e, ids, kind: str, steps: int = 8, warmup: int = 2, repeats: int
 def time_generate(e, ids, new_tokens: int, kind: str, warmup: int = 1, repeats: int = 3):
     for _ in range(max(warmup, 1)):
         engine.generate(e, ids, new_tokens)
-    before = _compiles(e)
+    before = compiles_so_far(e)
     samples = [timed(lambda: engine.generate(e, ids, new_tokens), kind)[1] for _ in range(repeats)]
-    return samples, _compiles(e) - before
+    return samples, compiles_so_far(e) - before
 
 
 def watched(fn, e, kind: str):
