@@ -1,13 +1,16 @@
 """Our best path against llama.cpp, batch 1 decode, at 32-bit, 16-bit and int8, for 1B and 3B, in one run.
 
     python benchmarks/peer.py [--models llama-3.2-1b llama-3.2-3b] [--context 64] [--steps 8] [--rounds 4]
+                              [--ours compiled eager]
 
 Each configuration is its own process, so a crash (a llama.cpp segfault) costs one figure and its reason
 is printed. Both sides stay loaded and take turns: round after round, each times `--steps` decode steps
 one by one while the other waits, so both see the same machine (on a shared VM the memory bandwidth
 moves by a third from one minute to the next, and one side timed after the other measures the VM).
 Where the two do not fit in memory together (3B f32 on 24 GiB) they run one after the other, and the
-line says so. Our side is engine "compiled" (engine "eager" where compiled is unsupported); at 16 bit
+line says so. Each of our engines (--ours: compiled and eager) is paired with llama.cpp in turn, and our
+best path is the one with the highest ratio, each ratio from rounds in the same machine phases (in
+int8 on CPU, eager's fbgemm Linear and compiled's C kernel are different kernels). At 16 bit
 each side takes its 16-bit types (ours: those device.usable_dtypes allows here; llama.cpp: F16 and
 BF16, the faster counts); int8 is w8a8 against Q8_0 (on npu Q8_0 is w8a16: see engine_llamacpp). Same
 weights (synthetic unless --weights), same prompt, same threads.
@@ -16,11 +19,12 @@ Last line: ratio = llama.cpp TPOT / our TPOT (above 1: we are faster), or `faile
 import argparse
 import json
 import re
-import select
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 ENGINES_OURS = ("compiled", "eager")
@@ -68,23 +72,37 @@ def start(cfg: dict, timeout: int) -> dict:
     err = tempfile.TemporaryFile(mode="w+")
     p = subprocess.Popen([sys.executable, __file__, "--serve", json.dumps(cfg)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
-    h = {"proc": p, "err": err, "blocks": [], "status": "starting"}
+    h = handle(p, err)
     msg = reply(h, "READY", timeout)
     if msg is not None:
         h.update(msg)
     return h
 
 
+def handle(p: subprocess.Popen, err) -> dict:
+    """A child's handle; a thread moves its stdout lines to a queue (None at its end), so that a wait
+    with a timeout never misses a line already read into a buffer."""
+    lines = queue.Queue()
+
+    def pump():
+        for line in p.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    return {"proc": p, "err": err, "lines": lines, "blocks": [], "status": "starting"}
+
+
 def reply(h: dict, tag: str, timeout: int):
     """The child's next `tag` line as JSON, or None with h["status"] saying why it never came."""
     p = h["proc"]
     while True:
-        if not select.select([p.stdout], [], [], timeout)[0]:
+        try:
+            line = h["lines"].get(timeout=timeout)
+        except queue.Empty:
             p.kill()
             h["status"] = f"failed: no answer within {timeout} s"
             return None
-        line = p.stdout.readline()
-        if not line:  # the child died: say how, and what it was doing
+        if line is None:  # the child died: say how, and what it was doing
             p.wait()
             h["err"].seek(0)
             h["status"] = failure(p.returncode, h["err"].read())
@@ -185,6 +203,59 @@ def compare(ours, ours_cfg: dict, peer_cfg: dict, size: int, args) -> tuple:
     return ours, peer, ours["blocks"][first:], "in alternating rounds"
 
 
+def against_peer(ours_cfg: dict, peer_c, base: dict, sizes: dict, args) -> tuple:
+    """One of our engines against each llama.cpp type in turn: (status, description, {peer name: (peer
+    handle, our blocks beside it, how they ran)})."""
+    ours = start(ours_cfg, args.timeout)
+    if ours["status"] != "ok":
+        stop(ours)
+        return ours["status"], "", {}
+    desc, pairs = ours["description"], {}
+    for d, q in peer_c:
+        peer_cfg = {**base, "engine": "llamacpp", "dtype": d, "quant": q}
+        ours, peer, mine, how = compare(ours, ours_cfg, peer_cfg, sizes[(d, q)], args)
+        pairs[f"llama.cpp {peer.get('gguf_type') or d + ' ' + q}"] = (peer, mine, how)
+    if ours is not None:
+        stop(ours)
+    return "ok", desc, pairs
+
+
+def precision(model, prec, dtype, quant, peer_c, base, sizes, args) -> str:
+    """Each of our engines (compiled, eager) against llama.cpp at one precision, each pair in the same
+    machine phases; our best path is the engine with the highest ratio (llama.cpp's faster type over
+    ours). Returns the summary cell."""
+    from llmbench.stats import ratio_of_medians
+    best, statuses = None, []
+    for eng in args.ours:
+        status, desc, pairs = against_peer({**base, "engine": eng, "dtype": dtype, "quant": quant}, peer_c, base,
+                                           sizes, args)
+        if status != "ok":
+            print(f"{model} {prec}: ours {eng}: {status}", flush=True)
+            statuses.append(status)
+            continue
+        ok = {k: v for k, v in pairs.items() if v[0]["status"] == "ok" and v[0]["blocks"] and v[1]}
+        for k, (peer, _, _) in pairs.items():
+            if k not in ok:
+                print(f"{model} {prec}: {k} {peer['status']}", flush=True)
+                statuses.append(peer["status"])
+        if not ok:
+            continue
+        k = min(ok, key=lambda k: median_ms(ok[k][0]["blocks"]))  # llama.cpp's faster type
+        peer, mine, how = ok[k]
+        r, lo, hi = ratio_of_medians(mine, peer["blocks"])
+        print(f"{model} {prec}: ours {eng} {dtype} {quant} | "
+              + ", ".join(f"{kk} {median_ms(v[0]['blocks']):.1f} ms (ours {median_ms(v[1]):.1f} ms beside it)"
+                          for kk, v in ok.items())
+              + f"\n    {k} / ours {eng}: {r:.2f} (95% CI {lo:.2f}-{hi:.2f}), {args.rounds} rounds of {args.steps} "
+              f"steps, {how}; ours: {desc}\n    llama.cpp: {peer['description']}", flush=True)
+        if best is None or r > best[0]:
+            best = (r, eng)
+    if best is None:
+        return f"{prec}={'failed' if any(s.startswith('failed') for s in statuses) else 'unsupported'}"
+    print(f"{model} {prec}: our best path is {best[1]} ({best[0]:.2f})", flush=True)
+    return f"{prec}={best[0]:.2f}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.2-3b"])
@@ -195,6 +266,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=4, help="turns each side takes")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per step of a child (export, load, compile, a round)")
+    ap.add_argument("--ours", nargs="+", default=list(ENGINES_OURS), help="our engines to time (best is kept)")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--export", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -205,9 +277,10 @@ def main():
     from llmbench.device import pick_device, usable_dtypes
     from llmbench.errors import check_choice
     from llmbench.models import model_names
-    from llmbench.stats import ratio_of_medians
     for m in args.models:
         check_choice("model", m, model_names())
+    for eng in args.ours:
+        check_choice("engine", eng, list(ENGINES_OURS))
     kind = pick_device(args.device)
     usable = usable_dtypes(kind)
     ours16 = [d for d in ("bf16", "fp16") if not usable[d]]
@@ -233,41 +306,7 @@ def main():
             # every GGUF first, each in a process of its own, before any engine holds memory
             sizes = {(d, q): export({**base, "engine": "llamacpp", "dtype": d, "quant": q}, args.timeout)
                      for d, q in peer_c}
-            ours, why = None, []
-            for eng in ENGINES_OURS:  # compiled is our fast path; eager only where compiled cannot run
-                ours = start({**base, "engine": eng, "dtype": dtype, "quant": quant}, args.timeout)
-                if ours["status"] == "ok":
-                    break
-                why.append(f"{eng}: {ours['status']}")
-                stop(ours)
-            ours_cfg = {**base, "engine": eng, "dtype": dtype, "quant": quant}
-            if ours["status"] != "ok":
-                print(f"{model} {prec}: ours {'; '.join(why)}", flush=True)
-                cells.append(f"{prec}={'failed' if any('failed' in w for w in why) else 'unsupported'}")
-                continue
-            desc, pairs = ours["description"], {}
-            for d, q in peer_c:
-                peer_cfg = {**base, "engine": "llamacpp", "dtype": d, "quant": q}
-                ours, peer, mine, how = compare(ours, ours_cfg, peer_cfg, sizes[(d, q)], args)
-                pairs[f"llama.cpp {peer.get('gguf_type') or d + ' ' + q}"] = (peer, mine, how)
-            if ours is not None:
-                stop(ours)
-            ok = {k: v for k, v in pairs.items() if v[0]["status"] == "ok" and v[0]["blocks"] and v[1]}
-            for k, (peer, mine, how) in pairs.items():
-                if k not in ok:
-                    print(f"{model} {prec}: {k} {peer['status']}", flush=True)
-            if not ok:
-                cells.append(f"{prec}={'failed' if any('failed' in v[0]['status'] for v in pairs.values()) else 'unsupported'}")
-                continue
-            k = min(ok, key=lambda k: median_ms(ok[k][0]["blocks"]))  # llama.cpp's faster type
-            peer, mine, how = ok[k]
-            r, lo, hi = ratio_of_medians(mine, peer["blocks"])
-            print(f"{model} {prec}: ours {eng} {dtype} {quant} {median_ms(mine):.1f} ms | "
-                  + ", ".join(f"{kk} {median_ms(v[0]['blocks']):.1f} ms (ours {median_ms(v[1]):.1f} ms beside it)"
-                              for kk, v in ok.items())
-                  + f"\n    {k} / ours: {r:.2f} (95% CI {lo:.2f}-{hi:.2f}), {args.rounds} rounds of {args.steps} steps, "
-                  f"{how}; ours: {desc}\n    llama.cpp: {peer['description']}", flush=True)
-            cells.append(f"{prec}={r:.2f}")
+            cells.append(precision(model, prec, dtype, quant, peer_c, base, sizes, args))
         summary.append(f"{model.rsplit('-', 1)[-1]} " + " ".join(cells))
     print("peer: " + " | ".join(summary))
 

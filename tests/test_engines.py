@@ -72,3 +72,19 @@ def test_cpu_matmul_rates_are_measured_once_and_cached(monkeypatch, tmp_path):
     assert set(first) == {"fp32", "fp16", "bf16"} and all(v > 0 for v in first.values())
     assert len(list((tmp_path / "cache").glob("cpu-matmul-*.json"))) == 1
     assert device.cpu_matmul_rates() == first  # read back, not re-measured
+
+
+@pytest.mark.parametrize("b,h,kv,filled", [(1, 4, 2, 5), (3, 8, 8, 1), (2, 6, 2, 12)])
+def test_cpu_decode_attention_equals_sdpa_with_grouped_heads_and_a_masked_tail(b, h, kv, filled):
+    """The compiled engine's single-query attention (plain ops) against SDPA on the same cache: query heads
+    share KV heads in groups, and cache slots past the current position are masked out."""
+    from llmbench.llama import decode_attention
+    g = torch.Generator().manual_seed(b * h + filled)
+    S, d = 12, 16
+    q = torch.randn(b, h, 1, d, generator=g)
+    k, v = torch.randn(b, kv, S, d, generator=g), torch.randn(b, kv, S, d, generator=g)
+    mask = (torch.arange(S) < filled)[None, :]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(decode_attention(q, k, v, mask), ref, atol=1e-5)
+    k[:, :, filled:], v[:, :, filled:] = 1e4, 1e4  # whatever lies past the position is never read into the result
+    assert torch.allclose(decode_attention(q, k, v, mask), ref, atol=1e-5)

@@ -187,13 +187,32 @@ def test_peer_names_the_type_and_backend_of_a_crash():
     err = tempfile.TemporaryFile(mode="w+")
     child = subprocess.Popen([sys.executable, "-c", crash], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                              text=True)
-    h = {"proc": child, "err": err, "blocks": [], "status": "starting"}
+    h = peer.handle(child, err)
     assert peer.reply(h, "READY", 120) is None and h["status"] == why
     peer.steps(h, 3, 5)  # a dead side is asked for nothing and keeps its reason
     assert h["blocks"] == [] and h["status"] == why
     peer.stop(h)
     dynamo = "Traceback (most recent call last):\n  File x\ntorch._dynamo.exc.Unsupported: call_method foo\n\nSet TORCHDYNAMO_VERBOSE=1"
     assert peer.failure(1, dynamo) == "failed: exit status 1; torch._dynamo.exc.Unsupported: call_method foo"
+
+
+def test_peer_reads_a_line_that_came_in_the_same_write_as_another():
+    """Two lines in one write land in one buffer: the second must still be read, not waited for."""
+    import subprocess
+    import sys
+    import tempfile
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peer
+    two = ('import json, sys, time; sys.stdout.write("noise\\n" + "READY " + json.dumps({"status": "ok"}) + "\\n"); '
+           'sys.stdout.flush(); time.sleep(30)')
+    child = subprocess.Popen([sys.executable, "-c", two], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=tempfile.TemporaryFile(mode="w+"), text=True)
+    h = peer.handle(child, tempfile.TemporaryFile(mode="w+"))
+    try:
+        assert peer.reply(h, "READY", 10) == {"status": "ok"}
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_memory_is_rss_on_cpu_and_the_device_count_elsewhere(fake_npu):
