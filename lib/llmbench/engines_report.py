@@ -103,7 +103,8 @@ def peer_ratio(df) -> pd.DataFrame:
         r, lo, hi = ratio_of_medians(R.repeats(o), R.repeats(peer))
         verdict = ("ours faster within these records" if lo > 1 else "llama.cpp faster within these records"
                    if hi < 1 else "no difference beyond the CI") + " (benchmarks/peer.py alternates the two sides)"
-        rows.append({**({"device": kv["device"]} if "device" in kv else {}), "model": model, "dtype": dtype, "quant": quant, "context": int(common[0]),
+        rows.append({**({"device": kv["device"]} if "device" in kv else {}), "model": model, "dtype": dtype,
+                     "quant": quant, "context": int(common[0]),
                      "our best path": f"{best}, {R.fmt_time(np.median(R.pooled(o)))}",
                      "llama.cpp": R.fmt_time(np.median(R.pooled(peer))),
                      "llama.cpp / ours": R.fmt_ci(r, lo, hi), "verdict": verdict})
