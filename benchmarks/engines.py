@@ -133,24 +133,23 @@ def main():
           f"(as 00_device measures it) {device_rate / 1e9:.1f} GB/s", flush=True)
     loaded = {short: load_model(MODELS[short], dtype, kind, args.context, args.steps, args.gen_tokens, device_rate)
               for short in args.models}
+    order = [(s, g) for s in args.models for g in ENGINES if g in loaded[s]]  # eager, then compiled
     for rep in range(args.repeats):  # alternate models and engines; the order flips every repeat
-        order = [(s, g) for s in args.models for g in ENGINES if g in loaded[s]]
         for short, eng in (order if rep % 2 == 0 else order[::-1]):
             time_repeat(*loaded[short][eng], args.steps)
     res = {}
-    for short in args.models:
-        for eng, (e, r) in sorted(loaded[short].items()):  # eager, then compiled
-            s = flatten(r["blocks"])
-            r["tpot"] = float(np.median(s))
-            r["mbu"] = float(np.median(r["bytes"] / s / flatten(r["rates"])))
-            res[(short, eng)] = r
-            rates = flatten(r["rates"])
-            print(f"{short} {eng:>8}: TPOT median {r['tpot'] * 1e3:.1f} ms (min {s.min() * 1e3:.1f}, max "
-                  f"{s.max() * 1e3:.1f}, n={s.size}), MBU {r['mbu']:.2f} of the weights' read rate just before "
-                  f"each step ({np.median(rates) / 1e9:.1f} GB/s median, {rates.min() / 1e9:.1f}-"
-                  f"{rates.max() / 1e9:.1f}) ({r['bytes'] / 1e9:.2f} GB/step), load {r['load_s']:.1f} s, "
-                  f"compile {r['compile_s']:.1f} s"
-                  + (f", {r['recompiles']} RECOMPILES during timing" if r["recompiles"] else ""), flush=True)
+    for short, eng in order:
+        r = loaded[short][eng][1]
+        s, rates = flatten(r["blocks"]), flatten(r["rates"])
+        r["tpot"] = float(np.median(s))
+        r["mbu"] = float(np.median(r["bytes"] / s / rates))
+        res[(short, eng)] = r
+        print(f"{short} {eng:>8}: TPOT median {r['tpot'] * 1e3:.1f} ms (min {s.min() * 1e3:.1f}, max "
+              f"{s.max() * 1e3:.1f}, n={s.size}), MBU {r['mbu']:.2f} of the weights' read rate just before "
+              f"each step ({np.median(rates) / 1e9:.1f} GB/s median, {rates.min() / 1e9:.1f}-"
+              f"{rates.max() / 1e9:.1f}) ({r['bytes'] / 1e9:.2f} GB/step), load {r['load_s']:.1f} s, "
+              f"compile {r['compile_s']:.1f} s"
+              + (f", {r['recompiles']} RECOMPILES during timing" if r["recompiles"] else ""), flush=True)
     for short in args.models:
         if (short, "eager") in res and (short, "compiled") in res:
             a, b = res[(short, "eager")], res[(short, "compiled")]

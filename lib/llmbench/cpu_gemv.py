@@ -68,7 +68,8 @@ def paths() -> str:
 
 def _check_shapes(x, w) -> None:
     """The kernels trust their sizes: a mismatch here would read past a buffer, so it is refused first."""
-    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or w.shape[1] == 0 or x.device.type != "cpu" or w.device.type != "cpu":
+    if (w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1] or w.shape[1] == 0
+            or x.device.type != "cpu" or w.device.type != "cpu"):
         raise ValueError(f"x {tuple(x.shape)} on {x.device} and w {tuple(w.shape)} on {w.device}: "
                          "need CPU tensors with x [..., k] and w [n, k], k > 0")
 

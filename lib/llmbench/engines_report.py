@@ -91,8 +91,6 @@ def peer_ratio(df) -> pd.DataFrame:
     rows = []
     keys = [k for k in ("device", "model", "dtype", "quant") if k in tp]
     for k, g in tp.groupby(keys):
-        kv = dict(zip(keys, k))
-        model, dtype, quant = kv["model"], kv["dtype"], kv["quant"]
         peer, ours = g[g.engine == "llamacpp"], g[g.engine != "llamacpp"]
         common = sorted(set(peer.context_len) & set(ours.context_len))
         if not common:
@@ -103,8 +101,7 @@ def peer_ratio(df) -> pd.DataFrame:
         r, lo, hi = ratio_of_medians(R.repeats(o), R.repeats(peer))
         verdict = ("ours faster within these records" if lo > 1 else "llama.cpp faster within these records"
                    if hi < 1 else "no difference beyond the CI") + " (benchmarks/peer.py alternates the two sides)"
-        rows.append({**({"device": kv["device"]} if "device" in kv else {}), "model": model, "dtype": dtype,
-                     "quant": quant, "context": int(common[0]),
+        rows.append({**dict(zip(keys, k)), "context": int(common[0]),
                      "our best path": f"{best}, {R.fmt_time(np.median(R.pooled(o)))}",
                      "llama.cpp": R.fmt_time(np.median(R.pooled(peer))),
                      "llama.cpp / ours": R.fmt_ci(r, lo, hi), "verdict": verdict})
