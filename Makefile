@@ -17,7 +17,8 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-$(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirements-llamacpp.txt requirements-npu.txt pyproject.toml | $(BIN)/python
+$(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirements-llamacpp.txt requirements-npu.txt pyproject.toml \
+	  lib/llmbench/llamacpp_build.py | $(BIN)/python
 	@if [ -n "$(NPU_HOST)" ]; then echo "npu-smi found: installing the CPU build of torch $(TORCH_VERSION) for torch_npu"; \
 	  $(BIN)/python -m pip install -q $(PIP_EXTRA) --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)" || exit 1; fi
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements.lock

@@ -161,6 +161,10 @@ def test_build_cache_key_and_commit(tmp_path, monkeypatch):
     assert llamacpp_build.llama_cpp_commit(sdist) == "0c1e57098"
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", "/usr/local/Ascend/ascend-toolkit/latest")
     assert "-DGGML_CANN=ON" in llamacpp_build.cmake_args()
+    # llama.cpp#20824: AMX CPUs build without ggml's AMX matmul, others as they are
+    xeon, epyc = "Intel Xeon | fpu avx512f amx_bf16 amx_tile amx_int8", "AMD EPYC | fpu avx2 avx512f avx512_vnni"
+    assert "-DCMAKE_CXX_FLAGS=-mno-amx-int8" in llamacpp_build.cmake_args(cpu=xeon)
+    assert not any("amx" in a for a in llamacpp_build.cmake_args(cpu=epyc))
 
 
 def test_installed_build_is_the_pinned_one():
@@ -168,6 +172,8 @@ def test_installed_build_is_the_pinned_one():
     assert llamacpp_build.pins()["llama-cpp-python"] == llama_cpp.__version__
     info = json.loads(llamacpp_build.BUILD_INFO.read_text())
     assert info["llama_cpp_python"] == llama_cpp.__version__ and "-DGGML_NATIVE=ON" in info["cmake_args"]
+    if "amx_int8" in llamacpp_build.cpu_id().split():  # llama.cpp#20824: its AMX matmul must not be in
+        assert "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode()
 
 
 def test_peer_names_the_type_and_backend_of_a_crash():

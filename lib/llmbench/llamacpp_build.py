@@ -6,6 +6,9 @@ flags and the CPU's model and flags: a second `make setup`, or a fresh clone's C
 machine, installs the cached wheel in seconds. The backends follow the machine:
   -DGGML_CUDA=ON  where nvcc and nvidia-smi both exist (a compiler alone, with no GPU, is not a target)
   -DGGML_CANN=ON  where CANN's set_env.sh was sourced (ASCEND_TOOLKIT_HOME or ASCEND_HOME_PATH set)
+  -mno-amx-int8   where the CPU has AMX: the pinned llama.cpp's AMX matmul (ggml_backend_amx_mul_mat)
+                  segfaults on the first Q8_0/Q4_0 prefill on such CPUs (upstream issue llama.cpp#20824,
+                  closed without a fix); without it, Q8_0/Q4_0 run llama.cpp's AVX-512 VNNI kernels
 LLMBENCH_LLAMACPP_CMAKE_ARGS adds flags. What was built (flags, llama.cpp commit, build seconds) is
 written to <venv>/share/llmbench/llamacpp-build.json; engine_llamacpp puts it in its description.
 
@@ -40,9 +43,12 @@ def pins() -> dict[str, str]:
     return out
 
 
-def cmake_args(env=os.environ) -> list[str]:
+def cmake_args(env=os.environ, cpu: str | None = None) -> list[str]:
     # LLAVA_BUILD=OFF: the multimodal library is not used here and is a third of the build.
     args = ["-DGGML_NATIVE=ON", "-DLLAVA_BUILD=OFF"]
+    if "amx_int8" in (cpu or cpu_id()).split():
+        # an explicit -mno wins over -march=native in either order: ggml's AMX code is not compiled
+        args += ["-DCMAKE_C_FLAGS=-mno-amx-int8", "-DCMAKE_CXX_FLAGS=-mno-amx-int8"]
     if shutil.which("nvcc") and shutil.which("nvidia-smi"):
         args.append("-DGGML_CUDA=ON")
     if env.get("ASCEND_TOOLKIT_HOME") or env.get("ASCEND_HOME_PATH"):
