@@ -1,6 +1,6 @@
 """Eager vs compiled decode of Llama 3.2 1B and 3B at batch 1 on the detected device, in one run.
 
-    python benchmarks/engines.py [--dtype auto] [--context 32] [--steps 16] [--repeats 3] [--models ...]
+    python benchmarks/engines.py [--dtype auto] [--quant none] [--context 32] [--steps 16] [--repeats 3] [--models ...]
 
 Per model, engine "compiled" is loaded (synthetic weights of the exact architecture; its compile timed on
 its own) and engine "eager" runs transformers on the very same weight tensors (the compiled engine keeps
@@ -12,7 +12,10 @@ MBU of a step = the cost model's bytes of one step (weights streamed + KV cache)
 the read rate of the engine's own weight tensors measured right before that step (on CPU one pass of the
 C read loop, or torch's sum without a C compiler; elsewhere ceilings.measure_bandwidth's device buffer,
 once); the median over all steps is printed. Greedy tokens of the two engines are compared on the same
-prompt. Last line, exactly:
+prompt. With --quant (e.g. w8a8) each engine loads its own quantized model (eager: fbgemm's dynamic Linear
+on CPU; compiled: the C int8 kernel) and both are held to the read rate of the compiled engine's weights
+(fbgemm's packed weights are not tensors one can read); the token comparison then shows how far two int8
+kernels agree, not an identity. Last line, exactly:
   engines: 1b eager MBU=<x> compiled MBU=<y> | 3b eager MBU=<x> compiled MBU=<y> | 3b/1b compiled TPOT ratio=<r>
 """
 import argparse
@@ -30,7 +33,7 @@ from llmbench import costmodel as cm
 from llmbench.device import DTYPES, fastest_dtype, pick_device, timed, torch_device
 from llmbench.errors import UserError, check_choice
 from llmbench.measure import compiles_so_far
-from llmbench.quant import Unsupported
+from llmbench.quant import METHODS, Unsupported
 from llmbench.stats import flatten, ratio_of_medians
 from llmbench.workload import make_batch
 
@@ -51,7 +54,8 @@ def weight_reader(e, device_rate: float):
     if e.kind != "cpu":
         return lambda: device_rate
     seen, flat = set(), []
-    for t in e.model.parameters():
+    weights = [*e.model.parameters(), *(b for n, b in e.model.named_buffers() if n.endswith("weight"))]  # int8 ones
+    for t in weights:
         if t.data_ptr() not in seen and t.is_contiguous() and t.numel() * t.element_size() % 4 == 0:
             seen.add(t.data_ptr())
             flat.append(t.detach().reshape(-1).view(torch.float32))
@@ -71,27 +75,31 @@ def weight_reader(e, device_rate: float):
     return rate
 
 
-def load_model(name, dtype, kind, context, steps, gen_tokens, device_rate):
+def load_model(name, dtype, quant, kind, context, steps, gen_tokens, device_rate):
     """{engine: (Engine, result record)} of one model: compiled, and eager on the same tensors (eager alone
-    where compiled is unsupported). Each runs the greedy generation that is both the token comparison and
-    the warm-up that compiles every shape."""
-    req = engine.LoadRequest(engine="compiled", model=name, weights="synthetic", dtype=dtype, quant="none",
+    where compiled is unsupported; quantized, each its own). Each runs the greedy generation that is both
+    the token comparison and the warm-up that compiles every shape."""
+    req = engine.LoadRequest(engine="compiled", model=name, weights="synthetic", dtype=dtype, quant=quant,
                              kind=kind, max_batch=1, max_seq=context + 3 + steps + gen_tokens, tokens="random")
     out = {}
     try:
         c = engine.load(req)
         out["compiled"] = c
-        out["eager"] = dataclasses.replace(c, name="eager", model=c.extra["reference"], compile_s=0.0, extra={},
-                                           description="transformers eager, DynamicCache, on the same tensors")
+        if quant == "none":
+            out["eager"] = dataclasses.replace(c, name="eager", model=c.extra["reference"], compile_s=0.0, extra={},
+                                               description="transformers eager, DynamicCache, on the same tensors")
     except Unsupported as why:
         print(f"{name} compiled: unsupported: {why}", flush=True)
+    if "eager" not in out:
         out["eager"] = engine.load(dataclasses.replace(req, engine="eager"))
     ids = make_batch(1, context, out["eager"].cfg, 0, None)[0].to(torch_device(kind))
+    read = weight_reader(out.get("compiled", out["eager"]), device_rate)
     res = {}
     for eng, e in out.items():
+        print(f"{name} {eng}: {e.description}", flush=True)
         tokens = engine.generate(e, ids, gen_tokens).cpu()
         res[eng] = (e, dict(ids=ids, blocks=[], rates=[], recompiles=0, tokens=tokens, compile_s=e.compile_s,
-                            load_s=e.load_s, read=weight_reader(e, device_rate),
+                            load_s=e.load_s, read=read,
                             bytes=cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)))
     return res
 
@@ -116,7 +124,9 @@ def time_repeat(e, r: dict, steps: int) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="auto", help="fp32, fp16, bf16, or auto: bf16 where usable, else fp32")
+    ap.add_argument("--dtype", default="auto", help="fp32, fp16, bf16, or auto: bf16 where usable, else fp32 "
+                    "(quantized on CPU: fp32, the activations its int8 kernels take)")
+    ap.add_argument("--quant", default="none", help="none, or a method of llmbench.quant (w8a8, ...)")
     ap.add_argument("--context", type=int, default=32, help="prompt tokens in the cache before decoding")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per repeat")
     ap.add_argument("--repeats", type=int, default=3)
@@ -126,12 +136,15 @@ def main():
     for m in args.models:
         check_choice("model", m, list(MODELS))
     kind = pick_device(args.device)
-    dtype = fastest_dtype(kind) if args.dtype == "auto" else args.dtype
+    check_choice("quant", args.quant, list(METHODS))
+    auto = "fp32" if kind == "cpu" and args.quant != "none" else fastest_dtype(kind)
+    dtype = auto if args.dtype == "auto" else args.dtype
     check_choice("dtype", dtype, list(DTYPES))
     device_rate = read_bandwidth(kind)
-    print(f"device {kind}, dtype {dtype}, {torch.get_num_threads()} threads; read bandwidth of a fresh buffer "
+    print(f"device {kind}, dtype {dtype}, quant {args.quant}, {torch.get_num_threads()} threads; read bandwidth of a fresh buffer "
           f"(as 00_device measures it) {device_rate / 1e9:.1f} GB/s", flush=True)
-    loaded = {short: load_model(MODELS[short], dtype, kind, args.context, args.steps, args.gen_tokens, device_rate)
+    loaded = {short: load_model(MODELS[short], dtype, args.quant, kind, args.context, args.steps, args.gen_tokens,
+                                device_rate)
               for short in args.models}
     order = [(s, g) for s in args.models for g in ENGINES if g in loaded[s]]  # eager, then compiled
     for rep in range(args.repeats):  # alternate models and engines; the order flips every repeat

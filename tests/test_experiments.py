@@ -55,3 +55,22 @@ def test_latency_records_carry_bounds_and_samples(tmp_path):
     assert tpot.n == 9 and len(tpot.samples) == 9  # 3 repeats x 3 timed steps
     assert tpot.context_len == 9 and tpot.bound_s > 0 and 0 < tpot.mbu < 1
     assert set(df.metric) >= {"ttft", "tpot", "generate_latency", "generate_gap", "peak_memory", "load_time", "weight_bytes"}
+    # the whole-generate comparison reuses the TTFT and TPOT of its prompt, timed once
+    assert (df.metric == "ttft").sum() == 1 and (df.metric == "tpot").sum() == 1
+
+
+def test_batch_1_of_a_timed_prompt_reuses_its_samples_and_times_only_the_generate(tmp_path, monkeypatch):
+    ctx = _ctx(tmp_path)
+    e = session.load(ctx, max_seq=32)
+    ttft, tpot = latency.prefill(ctx, e, 8, 1, 2, 0), latency.decode(ctx, e, 8, 3, 1, 2, 0)
+
+    def no_second_timing(*a, **k):
+        raise AssertionError("timed again")
+    monkeypatch.setattr(batch_sweep, "time_prefill", no_second_timing)
+    monkeypatch.setattr(batch_sweep, "time_decode", no_second_timing)
+    batch_sweep.one_batch(ctx, e, 1, 8, 4, 1, 2, 0, decode_steps=3, timed_at_batch_1=(ttft, tpot))
+    df = pd.read_parquet(tmp_path / "run" / "records.parquet").set_index("metric")
+    assert list(df.loc["prefill_time", "samples"]) == list(df.loc["ttft", "samples"])
+    assert list(df.loc["decode_step_time", "samples"]) == list(df.loc["tpot", "samples"])
+    assert list(df.loc["decode_step_time", "sample_blocks"]) == [3, 3]
+    assert df.loc["generate_latency", "status"] == "ok" and df.loc["tokens_per_s", "n"] == 2

@@ -73,6 +73,7 @@ def test_a_busy_process_started_half_way_is_detected_and_the_window_redone():
     assert c.reasons[0].startswith("attempt 1: other processes used")
     assert result > 0 and c.window.wall_s > 0.5
     f = noise.fields(c)
+    assert tuple(f) == noise.FIELDS
     assert set(f) <= set(COLUMNS) and f["attempts"] == c.attempts and "attempt 1" in f["disturbance"]
 
 

@@ -275,7 +275,7 @@ def test_compiled_records_that_compiled_while_timed_are_counted_and_agreement_is
     bad = {**tpot(S, "compiled"), "status": "error: 2 compilation(s) during the timed calls (samples include compile time)"}
     agree = [rec("greedy_steps_equal", 16, S, engine="compiled", experiment="agreement", unit="tokens", new_tokens=16,
                  spread=0),
-             rec("max_rel_logit_error", 3e-6, S, engine="compiled", experiment="agreement", unit="ratio", spread=0)]
+             rec("graph_rel_logit_error", 3e-6, S, engine="compiled", experiment="agreement", unit="ratio", spread=0)]
     d = pd.concat([study(("eager", "compiled")), frame([bad, *agree])])
     t = E.engine_table(d)
     assert t[(t.model == S) & (t.engine == "compiled")]["records that compiled while timed"].iat[0] == 1
@@ -288,7 +288,7 @@ def test_compiled_records_that_compiled_while_timed_are_counted_and_agreement_is
 def test_a_greedy_divergence_is_judged_by_the_top2_gap_against_the_logit_error_there(gap, tie):
     common = dict(engine="compiled", experiment="agreement", spread=0, dtype="bf16")
     d = frame([rec("greedy_steps_equal", 3, S, unit="tokens", new_tokens=16, **common),
-               rec("max_rel_logit_error", 0.03, S, unit="ratio", **common),
+               rec("graph_rel_logit_error", 0.03, S, unit="ratio", **common),
                rec("top2_gap_at_divergence", gap, S, unit="ratio", **common),
                rec("logit_error_at_divergence", 0.01, S, unit="ratio", **common)])
     a = E.agreement(d)

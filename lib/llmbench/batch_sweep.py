@@ -13,6 +13,7 @@ from .device import empty_cache, free_memory, is_oom
 from .latency import generate_cost, ids_for, recompile_status
 from .measure import time_decode, time_generate, time_prefill, watched
 from .session import add, add_compile_times, config_fields, row
+from .stats import regroup
 
 SEARCH_LIMIT = 4096  # never try batches beyond this when searching for the largest one
 
@@ -46,8 +47,16 @@ def _oom_row(ctx, common, status):
     add(ctx, row(ctx, experiment="batch", metric="generate_latency", unit="s", status=status, **common))
 
 
-def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4):
-    """Batch b: prefill and decode tokens/s, generate latency, tokens/s, requests/s, peak memory; or OOM."""
+def _timed_rows(r: dict) -> tuple:
+    """(samples by repeat, status, conditions) of a TTFT or TPOT row of latency.prefill/decode."""
+    return regroup(r["samples"], r.get("sample_blocks")), r["status"], {k: r.get(k) for k in noise.FIELDS}
+
+
+def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4,
+              timed_at_batch_1=None):
+    """Batch b: prefill and decode tokens/s, generate latency, tokens/s, requests/s, peak memory; or OOM.
+    timed_at_batch_1: (TTFT row, TPOT row) that latency.prefill/decode just measured on this very prompt
+    at batch 1 with these steps: their samples serve instead of timing the same calls twice."""
     kind = ctx["kind"]
     ids, src = ids_for(ctx, e, b, prompt_len, seed)
     common = dict(batch=b, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
@@ -58,9 +67,14 @@ def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_l
                               "available (not run)")
         return
     try:
-        (pre, pre_rc), _, _, pre_c = watched(lambda: time_prefill(e, ids, kind, warmup, repeats), e, kind)
-        (blocks, dec_rc), _, _, dec_c = watched(
-            lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), e, kind)
+        if timed_at_batch_1 and b == 1:
+            (pre, pre_st, pre_c), (blocks, dec_st, dec_c) = map(_timed_rows, timed_at_batch_1)
+        else:
+            (pre, pre_rc), _, _, pre_c = watched(lambda: time_prefill(e, ids, kind, warmup, repeats), e, kind)
+            (blocks, dec_rc), _, _, dec_c = watched(
+                lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), e, kind)
+            pre_st, dec_st = recompile_status(pre_rc), recompile_status(dec_rc)
+            pre_c, dec_c = noise.fields(pre_c), noise.fields(dec_c)
         (gen, gen_rc), peak, label, gen_c = watched(
             lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), e, kind)
     except Exception as exc:
@@ -75,15 +89,14 @@ def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_l
     ctx_mid = prompt_len + warmup + decode_steps // 2
     add(ctx, [row(ctx, pre, flops=cm.prefill_flops(e.cfg, b, prompt_len),
                   nbytes=cm.prefill_bytes(e.cfg, e.read_bytes, b, prompt_len, e.dtype), compute_dtype=e.compute_dtype,
-                  experiment="batch", metric="prefill_time", unit="s", status=recompile_status(pre_rc),
-                  **noise.fields(pre_c), **common),
+                  experiment="batch", metric="prefill_time", unit="s", status=pre_st, **pre_c, **common),
               row(ctx, [b * prompt_len / t for t in pre], experiment="batch", metric="prefill_tokens_per_s",
-                  unit="tokens/s", status=recompile_status(pre_rc), note="prompt tokens processed per second", **common),
+                  unit="tokens/s", status=pre_st, note="prompt tokens processed per second", **common),
               row(ctx, blocks, flops=cm.decode_flops(e.cfg, b, ctx_mid), nbytes=cm.decode_bytes(e.cfg, e.read_bytes, b, ctx_mid, e.dtype),
                   compute_dtype=e.compute_dtype, experiment="batch", metric="decode_step_time", unit="s",
-                  status=recompile_status(dec_rc), **noise.fields(dec_c), **common),
+                  status=dec_st, **dec_c, **common),
               row(ctx, [[b / t for t in blk] for blk in blocks], experiment="batch", metric="decode_tokens_per_s",
-                  unit="tokens/s", status=recompile_status(dec_rc), note="one new token per sequence per step", **common),
+                  unit="tokens/s", status=dec_st, note="one new token per sequence per step", **common),
               row(ctx, gen, flops=flops, nbytes=nbytes, compute_dtype=e.compute_dtype,
                   experiment="batch", metric="generate_latency", unit="s", status=recompile_status(gen_rc),
                   note="per-request latency: every request of the batch finishes together", **noise.fields(gen_c),

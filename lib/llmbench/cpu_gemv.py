@@ -23,6 +23,7 @@ from .quant import Unsupported
 
 SOURCE = Path(__file__).with_suffix(".c")
 MAX_ROWS = 16  # x rows (batch x tokens) up to which a linear is memory bound enough for this kernel
+PREFILL_ROWS = 4096  # weight rows W8A8Linear widens to fp32 at a time beyond MAX_ROWS (<= 128 MB at K = 8192)
 
 
 def _cpu_id() -> str:
@@ -119,7 +120,8 @@ def _(x, w, scale, wsum):
 class W8A8Linear(torch.nn.Module):
     """w8a8 through gemv_w8a8: int8 per-channel weights (the same quantization as every backend here,
     quant_npu.int8_per_channel), int8 per-token activations. Rows beyond MAX_ROWS (a CPU prefill) run
-    the same integer product as fp32 matmul of the int8 values (exact below 2^24 per dot product)."""
+    the same integer product as fp32 matmul of the int8 values (exact below 2^24 per dot product), a
+    slice of weight rows at a time."""
 
     def __init__(self, lin: torch.nn.Linear):
         super().__init__()
@@ -135,7 +137,10 @@ class W8A8Linear(torch.nn.Module):
             return gemv_w8a8(x, self.weight, self.scale, self.wsum)
         sx = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
         xq = torch.round(x / sx).clamp_(-127, 127)
-        return (xq @ self.weight.t().float()) * sx * self.scale
+        y = x.new_empty(*x.shape[:-1], self.out_features)
+        for i in range(0, self.out_features, PREFILL_ROWS):  # fp32 copies of a slice, never of the whole weight
+            y[..., i:i + PREFILL_ROWS] = xq @ self.weight[i:i + PREFILL_ROWS].t().float()
+        return y * sx * self.scale
 
 
 def read_f32(x: torch.Tensor) -> float:

@@ -283,6 +283,9 @@ def measure(fn, kind: str = "cpu", max_attempts: int = 3, backoff_s: float = 2.0
     return out, Conditions(window=w, attempts=attempt, reasons=reasons)
 
 
+FIELDS = ("quiet", "attempts", "disturbance", "other_cores", "steal_share", "cpu_mhz")  # what fields() returns
+
+
 def fields(c: Conditions) -> dict:
     """Record fields (records.COLUMNS) of a measurement's conditions."""
     w = c.window

@@ -1,7 +1,8 @@
 """Experiment 03: every quantization method of one model, speed and fidelity in the same records.
 
 The unquantized model runs first: it is the speed baseline and the fidelity reference, on the same
-inputs. Each method then starts from freshly loaded weights (same seed or files), so methods never
+inputs; a graph engine's unquantized model is also checked against transformers eager (greedy
+tokens). Each method then starts from freshly loaded weights (same seed or files), so methods never
 stack. An unsupported method is a recorded result with its reason.
 """
 from . import latency
@@ -21,7 +22,8 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
     ref, base = None, {}
     # One cache fits every measurement of this notebook: the batch run, the timed prompt and the
     # fidelity inputs (llama.cpp's context cannot grow after load).
-    seq = max(prompt_len + max(warmup, 1) + decode_steps, prompt_len + new_tokens, fidelity_len) + 1
+    seq = max(prompt_len + max(warmup, 1) + decode_steps, prompt_len + max(new_tokens, latency.AGREEMENT_STEPS),
+              fidelity_len) + 1
     for method in ["none"] + [m for m in methods if m != "none"]:
         e = load(ctx, method, max_batch=max(batch, fidelity_batch, 1), max_seq=seq)
         if e is None:
@@ -33,6 +35,7 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
         note = SYNTHETIC_NOTE if e.weights == "synthetic" else "real weights"
         if method == "none":
             ref = logits
+            latency.agreement(ctx, e, prompt_len, latency.AGREEMENT_STEPS, seed)  # graph engines vs eager
         else:
             fid = compare_logits(ref, logits)
             add(ctx, [row(ctx, [fid[k]], experiment="fidelity", metric=k, unit=u, batch=fidelity_batch,
@@ -45,7 +48,8 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
                          metric="perplexity", unit="", tokens=corpus, **f))
         ttft = latency.prefill(ctx, e, prompt_len, warmup, repeats, seed)
         tpot = latency.decode(ctx, e, prompt_len, decode_steps, warmup, repeats, seed)
-        batch_sweep.one_batch(ctx, e, batch, prompt_len, new_tokens, warmup, repeats, seed, decode_steps=decode_steps)
+        batch_sweep.one_batch(ctx, e, batch, prompt_len, new_tokens, warmup, repeats, seed, decode_steps=decode_steps,
+                              timed_at_batch_1=(ttft, tpot))
         measured = {"ttft": ttft, "tpot": tpot}
         if method == "none":
             base = measured
