@@ -7,9 +7,18 @@ from llmbench import cpu_gemv, engine, engine_compiled
 from llmbench.quant import Unsupported
 
 
+@pytest.fixture(params=[("C", 0), ("C", cpu_gemv.PREFETCH_AHEAD), ("aten", 0)])
+def path(request, monkeypatch):
+    """Each kernel test runs every path _tune may choose (C with and without prefetch, aten's linear),
+    whichever this machine chose."""
+    for kernel in cpu_gemv.KERNELS:
+        monkeypatch.setitem(cpu_gemv.library().tuned, kernel, {"path": request.param[0], "ahead": request.param[1]})
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 13, 96), (3, 37, 40), (16, 130, 2048), (2, 9, 7), (1, 37, 256)])
-def test_gemv_equals_matmul(dtype, m, n, k):
+def test_gemv_equals_matmul(dtype, m, n, k, path):
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
     y = torch.ops.llmbench.gemv(x, w)
@@ -21,6 +30,17 @@ def test_gemv_equals_matmul(dtype, m, n, k):
         _, e = torch.frexp(ref)
         half_step = torch.ldexp(torch.ones_like(ref), e - 9)
         assert bool(((y.float() - ref).abs() <= half_step + 1e-5 * ref.abs().max()).all())
+
+
+def test_a_measured_choice_is_kept_only_where_it_beats_the_noise_margin():
+    assert cpu_gemv.pick({0: [1.0, 1.1, 1.0], 1024: [0.9, 0.9, 0.95]}) == 1024
+    assert cpu_gemv.pick({0: [1.0, 1.0, 1.0], 1024: [0.98, 0.99, 0.98]}) == 0  # within 3%: noise
+    assert cpu_gemv.pick({0: [1.0, 1.0, 1.0], 1024: [1.2, 1.1, 1.3]}) == 0
+    assert cpu_gemv.pick({"C": [1.0, 1.0], "aten": [0.9, 0.9]}, "C") == "aten"
+    tuned = cpu_gemv.library().tuned  # measured once per library, and said in the engine's description
+    assert set(tuned) == set(cpu_gemv.KERNELS) and tuned["int8"]["path"] == "C"
+    assert all(c["ahead"] in (0, cpu_gemv.PREFETCH_AHEAD) and c["path"] in ("C", "aten") for c in tuned.values())
+    assert "measured here on 1B's linears" in cpu_gemv.paths()
 
 
 def test_the_kernel_paths_follow_the_cpu_flags():
@@ -77,8 +97,8 @@ def test_without_a_compiler_the_engine_uses_inductor_and_says_why(monkeypatch, t
     assert "C gemv (" in e.description  # with the compiler back, the kernel path is named
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (3, 19, 40), (16, 24, 256), (2, 37, 512)])
-def test_w8a8_is_the_integer_product_of_per_token_and_per_channel_int8(m, n, k, monkeypatch):
+@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (3, 19, 40), (16, 24, 256), (2, 37, 512), (1, 5, 1024)])
+def test_w8a8_is_the_integer_product_of_per_token_and_per_channel_int8(m, n, k, monkeypatch, path):
     monkeypatch.setattr(cpu_gemv, "PREFILL_ROWS", 7)  # the many-row path in slices, the last one ragged
     g = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=g)

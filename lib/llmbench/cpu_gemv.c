@@ -16,6 +16,18 @@
 
 #define ROWS 8
 
+// Software prefetch `ahead` bytes beyond each 256-byte step of a weight row. Rows are contiguous, so near
+// a row's end it fetches the next row, across the 4 KB pages where hardware prefetchers stop. On a
+// 2-core Xeon 1 KB ahead cut the time of 1B's linears by 12% in bf16, 7% in fp32 and 2% in int8; whether
+// it helps is a fact of the CPU, so cpu_gemv.py measures it per kernel and passes it in.
+#if defined(__AVX512F__)
+static inline void prefetch_256(const void* p, int64_t ahead) {  // ahead 0: the lines about to be loaded
+  const char* q = (const char*)p + ahead;  // a prefetch past the buffer's end does not fault
+  _mm_prefetch(q, _MM_HINT_T0); _mm_prefetch(q + 64, _MM_HINT_T0);
+  _mm_prefetch(q + 128, _MM_HINT_T0); _mm_prefetch(q + 192, _MM_HINT_T0);
+}
+#endif
+
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch's .to(bfloat16)
@@ -25,13 +37,14 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torc
 }
 
 // acc[r] = dot(x, w row r) for nr <= ROWS rows of length k.
-static void rows_f32(const float* x, const float* w, float* acc, int64_t nr, int64_t k) {
+static void rows_f32(const float* x, const float* w, float* acc, int64_t nr, int64_t k, int64_t ahead) {
 #if defined(__AVX512F__)
   if (k % 64 == 0) {  // one row at a time, 4 accumulators: one stream per thread read fastest here
     for (int64_t r = 0; r < nr; r++) {
       const float* wr = w + r * k;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t j = 0; j < k; j += 64) {
+        prefetch_256(wr + j, ahead);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + j), _mm512_loadu_ps(x + j), a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + j + 16), _mm512_loadu_ps(x + j + 16), a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + j + 32), _mm512_loadu_ps(x + j + 32), a2);
@@ -52,13 +65,15 @@ static void rows_f32(const float* x, const float* w, float* acc, int64_t nr, int
 }
 
 // Same for bf16 weights and activations; products and sums in fp32.
-static void rows_bf16(const uint16_t* x, const float* xf, const uint16_t* w, float* acc, int64_t nr, int64_t k) {
+static void rows_bf16(const uint16_t* x, const float* xf, const uint16_t* w, float* acc, int64_t nr, int64_t k,
+                      int64_t ahead) {
 #if defined(__AVX512BF16__)
   if (k % 128 == 0) {  // vdpbf16ps: 32 bf16 products per instruction, exact in fp32; one row at a time
     for (int64_t r = 0; r < nr; r++) {
       const uint16_t* wr = w + r * k;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t j = 0; j < k; j += 128) {
+        prefetch_256(wr + j, ahead);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(wr + j), (__m512bh)_mm512_loadu_si512(x + j));
         a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(wr + j + 32), (__m512bh)_mm512_loadu_si512(x + j + 32));
         a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(wr + j + 64), (__m512bh)_mm512_loadu_si512(x + j + 64));
@@ -79,19 +94,19 @@ static void rows_bf16(const uint16_t* x, const float* xf, const uint16_t* w, flo
   }
 }
 
-void gemv_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k) {
+void gemv_f32(const float* x, const float* w, float* y, int64_t m, int64_t n, int64_t k, int64_t ahead) {
   #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
     float acc[ROWS];
     for (int64_t i = 0; i < m; i++) {
-      rows_f32(x + i * k, w + r0 * k, acc, nr, k);
+      rows_f32(x + i * k, w + r0 * k, acc, nr, k, ahead);
       for (int64_t r = 0; r < nr; r++) y[i * n + r0 + r] = acc[r];
     }
   }
 }
 
-void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n, int64_t k) {
+void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n, int64_t k, int64_t ahead) {
   float* xf = NULL;  // activations widened once, only for the portable path
 #if defined(__AVX512BF16__)
   if (k % 128 != 0)
@@ -106,7 +121,7 @@ void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int
     int64_t nr = n - r0 < ROWS ? n - r0 : ROWS;
     float acc[ROWS];
     for (int64_t i = 0; i < m; i++) {
-      rows_bf16(x + i * k, xf + i * k, w + r0 * k, acc, nr, k);
+      rows_bf16(x + i * k, xf + i * k, w + r0 * k, acc, nr, k, ahead);
       for (int64_t r = 0; r < nr; r++) y[i * n + r0 + r] = f32_to_bf16(acc[r]);
     }
   }
@@ -118,11 +133,12 @@ void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int
 // vpdpbusd multiplies unsigned by signed bytes, so it takes xq + 128 and subtracts 128 * sum(w row) (wsum).
 // One weight row at a time with four accumulators, as for fp32 and bf16: one stream per thread read
 // 10% faster here than eight rows side by side (89% against 80% of the read loop's rate).
-static int32_t row_i8(const int8_t* xq, const uint8_t* xu, const int8_t* wr, int32_t wsum, int64_t k) {
+static int32_t row_i8(const int8_t* xq, const uint8_t* xu, const int8_t* wr, int32_t wsum, int64_t k, int64_t ahead) {
 #if defined(__AVX512VNNI__)
   if (k % 256 == 0) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t j = 0; j < k; j += 256) {
+      prefetch_256(wr + j, ahead);
       a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(xu + j), _mm512_loadu_si512(wr + j));
       a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(xu + j + 64), _mm512_loadu_si512(wr + j + 64));
       a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(xu + j + 128), _mm512_loadu_si512(wr + j + 128));
@@ -131,7 +147,7 @@ static int32_t row_i8(const int8_t* xq, const uint8_t* xu, const int8_t* wr, int
     return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))) - 128 * wsum;
   }
 #endif
-  (void)xu; (void)wsum;
+  (void)xu; (void)wsum; (void)ahead;
   int32_t s = 0;
   #pragma omp simd reduction(+:s)
   for (int64_t j = 0; j < k; j++) s += (int32_t)xq[j] * (int32_t)wr[j];
@@ -139,7 +155,7 @@ static int32_t row_i8(const int8_t* xq, const uint8_t* xu, const int8_t* wr, int
 }
 
 void gemv_w8a8(const float* x, const int8_t* w, const float* sw, const int32_t* wsum, float* y,
-               int64_t m, int64_t n, int64_t k) {
+               int64_t m, int64_t n, int64_t k, int64_t ahead) {
   int8_t* xq = malloc(m * k);
   uint8_t* xu = malloc(m * k);
   float* sx = malloc(sizeof(float) * m);
@@ -160,7 +176,7 @@ void gemv_w8a8(const float* x, const int8_t* w, const float* sw, const int32_t* 
   #pragma omp parallel for schedule(dynamic, 4 * ROWS)
   for (int64_t r = 0; r < n; r++)
     for (int64_t i = 0; i < m; i++)
-      y[i * n + r] = (float)row_i8(xq + i * k, xu + i * k, w + r * k, wsum[r], k) * sx[i] * sw[r];
+      y[i * n + r] = (float)row_i8(xq + i * k, xu + i * k, w + r * k, wsum[r], k, ahead) * sx[i] * sw[r];
   free(xq); free(xu); free(sx);
 }
 

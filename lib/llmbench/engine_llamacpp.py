@@ -169,8 +169,10 @@ def load(req: LoadRequest) -> Engine:
     # Tied weights: token_embd is also the LM head and is read whole every step; untied, a lookup reads one row.
     read = wbytes if "output.weight" not in g.tensor_bytes else wbytes - g.tensor_bytes["token_embd.weight"]
     meaning = MEANING.get(f"{t}/{req.kind}", MEANING[t])
+    no_amx = (" (-mno-amx-int8: llama.cpp's AMX matmul segfaults on AMX CPUs, llama.cpp#20824)"
+              if "-mno-amx-int8" in flags else "")
     desc = (f"llama.cpp {info.get('llama_cpp_commit')} via llama-cpp-python {info['llama_cpp_python']} "
-            f"(built with {flags}); "
+            f"(built with {flags}{no_amx}); "
             f"backend {backend}; GGUF {t}: {meaning}; KV cache {kv}; {cp.n_threads} threads; "
             f"{req.max_batch} sequence(s) of {seq_cells} KV cells (allocated at load) in one context, "
             f"a batch is one llama_batch; "
