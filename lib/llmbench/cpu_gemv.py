@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_suffix(".c")
 MAX_ROWS = 16  # x rows (batch x tokens) up to which a linear is memory bound enough for this kernel
 PREFILL_ROWS = 4096  # weight rows W8A8Linear widens to fp32 at a time beyond MAX_ROWS (<= 128 MB at K = 8192)
 PREFETCH_AHEAD = 1024  # bytes; 1-4 KB ahead measured alike on a 2-core Xeon
-PREFETCH_GAIN = 0.97  # prefetch is kept only where it cuts a kernel's time by more than 3% (noise)
+KEEP_MARGIN = 0.97  # a measured choice replaces the default only where it cuts the time by more than 3% (noise)
 KERNELS = ("fp32", "bf16", "int8")
 
 
@@ -75,7 +75,7 @@ def pick(seconds: dict, default=0):
     default by more than the noise margin, else the default."""
     med = {c: statistics.median(t) for c, t in seconds.items()}
     best = min(med, key=med.get)
-    return best if med[best] < PREFETCH_GAIN * med[default] else default
+    return best if med[best] < KEEP_MARGIN * med[default] else default
 
 
 LAYER = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))  # 1B's linears
@@ -133,13 +133,16 @@ def _tune(lib, cached: Path) -> dict:
     return out
 
 
+def choice(kernel: str) -> str:
+    """What _tune chose for one kernel (fp32, bf16, int8), in words."""
+    v = library().tuned[kernel]
+    ratio = f" (aten/C time {v['aten_time_ratio']})" if "aten_time_ratio" in v else ""
+    return f"{kernel} " + ("aten linear" if v["path"] == "aten" else f"C, prefetch {v['ahead']} B") + ratio
+
+
 def paths() -> str:
-    lib = library()
-    chosen = "; ".join(f"{k} " + ("aten linear" if v["path"] == "aten" else f"C, prefetch {v['ahead']} B")
-                       + (f" (aten/C time {v['aten_time_ratio']})" if "aten_time_ratio" in v else "")
-                       for k, v in lib.tuned.items())
-    return (f"{lib.gemv_paths().decode()}; measured here on 1B's linears, each choice kept where it cut the "
-            f"time by more than {1 - PREFETCH_GAIN:.0%}: {chosen}")
+    return (f"{library().gemv_paths().decode()}; measured here on 1B's linears, each choice kept where it cut "
+            f"the time by more than {1 - KEEP_MARGIN:.0%}: {'; '.join(map(choice, KERNELS))}")
 
 
 def _check_shapes(x, w) -> None:

@@ -62,9 +62,10 @@ def _cpu_w8a8(model, req: LoadRequest) -> tuple[list[str], str]:
     from .quant import replace_linears
     if req.dtype != "fp32":
         raise Unsupported(f"the CPU int8 kernels here take fp32 activations, not {req.dtype}")
-    cpu_gemv.library()  # Unsupported (no C compiler) before any weight is touched
+    # library(): Unsupported (no C compiler) before any weight is touched
+    isa = cpu_gemv.library().gemv_paths().decode().split("int8: ")[-1]
     return replace_linears(model, cpu_gemv.W8A8Linear), (
-        f"C gemv_w8a8 (cpu_gemv.c; {cpu_gemv.paths().split('int8: ')[-1]}): int8 per-channel weights, "
+        f"C gemv_w8a8 (cpu_gemv.c; {isa}; measured here: {cpu_gemv.choice('int8')}): int8 per-channel weights, "
         "int8 per-token symmetric activations, int32 accumulation")
 
 
