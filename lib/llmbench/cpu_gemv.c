@@ -18,7 +18,7 @@
 
 // Software prefetch `ahead` bytes beyond each 256-byte step of a weight row. Rows are contiguous, so near
 // a row's end it fetches the next row, across the 4 KB pages where hardware prefetchers stop. On a
-// 2-core Xeon 1 KB ahead cut the time of 1B's linears by 12% in bf16, 7% in fp32 and 2% in int8; whether
+// 2-core Xeon 1 KB ahead cut the time of 1B's linears by 4-13% in bf16, 5-10% in fp32, 1-2% in int8; whether
 // it helps is a fact of the CPU, so cpu_gemv.py measures it per kernel and passes it in.
 #if defined(__AVX512F__)
 static inline void prefetch_256(const void* p, int64_t ahead) {  // ahead 0: the lines about to be loaded
