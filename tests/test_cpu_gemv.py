@@ -7,17 +7,22 @@ from llmbench import cpu_gemv, engine, engine_compiled
 from llmbench.quant import Unsupported
 
 
-@pytest.fixture(params=[("C", 0), ("C", cpu_gemv.PREFETCH_AHEAD), ("aten", 0)])
+@pytest.fixture(params=["C", "AMX", "aten"])
 def path(request, monkeypatch):
-    """Each kernel test runs every path _tune may choose (C with and without prefetch, aten's linear),
-    whichever this machine chose."""
+    """Each kernel test runs every path _tune may choose (the C kernel, its AMX path, aten's linear),
+    whichever this machine chose; a kernel without that path keeps C."""
+    lib = cpu_gemv.library()
+    if request.param == "AMX" and not lib.amx:
+        pytest.skip("this CPU, build or OS has no AMX-BF16 tiles")
     for kernel in cpu_gemv.KERNELS:
-        monkeypatch.setitem(cpu_gemv.library().tuned, kernel, {"path": request.param[0], "ahead": request.param[1]})
+        p = request.param if request.param in cpu_gemv.candidates(lib, kernel) else "C"
+        monkeypatch.setitem(lib.tuned, kernel, {"path": p, "time_vs_C": {}})
     return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 13, 96), (3, 37, 40), (16, 130, 2048), (2, 9, 7), (1, 37, 256)])
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (1, 13, 96), (3, 37, 40), (16, 130, 2048), (2, 9, 7), (1, 37, 256),
+                                   (5, 48, 96)])
 def test_gemv_equals_matmul(dtype, m, n, k, path):
     g = torch.Generator().manual_seed(m * n + k)
     x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
@@ -37,9 +42,12 @@ def test_a_measured_choice_is_kept_only_where_it_beats_the_noise_margin():
     assert cpu_gemv.pick({0: [1.0, 1.0, 1.0], 1024: [0.98, 0.99, 0.98]}) == 0  # within 3%: noise
     assert cpu_gemv.pick({0: [1.0, 1.0, 1.0], 1024: [1.2, 1.1, 1.3]}) == 0
     assert cpu_gemv.pick({"C": [1.0, 1.0], "aten": [0.9, 0.9]}, "C") == "aten"
-    tuned = cpu_gemv.library().tuned  # measured once per library, and said in the engine's description
+    lib = cpu_gemv.library()
+    tuned = lib.tuned  # measured once per library, and said in the engine's description
     assert set(tuned) == set(cpu_gemv.KERNELS) and tuned["int8"]["path"] == "C"
-    assert all(c["ahead"] in (0, cpu_gemv.PREFETCH_AHEAD) and c["path"] in ("C", "aten") for c in tuned.values())
+    for kernel, c in tuned.items():
+        assert c["path"] in cpu_gemv.candidates(lib, kernel)
+        assert set(c["time_vs_C"]) == set(cpu_gemv.candidates(lib, kernel)) - {"C"}
     assert "measured here on 1B's linears" in cpu_gemv.paths()
 
 
@@ -47,6 +55,9 @@ def test_the_kernel_paths_follow_the_cpu_flags():
     flags = set(open("/proc/cpuinfo").read().split()) if __import__("os").path.exists("/proc/cpuinfo") else set()
     paths = cpu_gemv.paths()
     assert ("AVX512-BF16" in paths) == ("avx512_bf16" in flags)
+    assert ("AMX tiles" in paths) == ("avx512_bf16" in flags and "amx_bf16" in flags)
+    if cpu_gemv.library().amx:
+        assert "amx_bf16" in flags
     assert ("AVX512-VNNI" in paths) == ("avx512_vnni" in flags)
 
 
@@ -74,10 +85,13 @@ def test_gemv_refuses_mixed_or_unsupported_dtypes():
 
 
 def test_read_probe_sums_what_it_reads():
-    x = torch.rand(100_003)
-    assert cpu_gemv.read_f32(x) == pytest.approx(float(x.double().sum()), rel=1e-4)
+    x = torch.rand(100_003)  # whole blocks, then a tail
+    for streams in cpu_gemv.READ_STREAMS:
+        assert cpu_gemv.read_f32(x, streams) == pytest.approx(float(x.double().sum()), rel=1e-4)
     with pytest.raises(ValueError, match="contiguous fp32"):
         cpu_gemv.read_f32(x[::2])
+    with pytest.raises(ValueError, match="streams must be one of"):
+        cpu_gemv.read_f32(x, 3)
 
 
 def test_without_a_compiler_the_engine_uses_inductor_and_says_why(monkeypatch, tmp_path):
@@ -131,3 +145,13 @@ def test_compiled_w8a8_refuses_16_bit_activations():
     with pytest.raises(Unsupported, match="fp32 activations"):
         engine.load(engine.LoadRequest(engine="compiled", model="tiny-1b", weights="synthetic", dtype="bf16",
                                        quant="w8a8", kind="cpu", max_batch=1, max_seq=24, tokens="random"))
+
+
+def test_the_kernel_leaves_torchs_own_matmul_as_it_found_it(path):
+    """The AMX path loads its own tile configuration in each thread and restores the one it found:
+    oneDNN's bf16 matmul (AMX too, on such CPUs) gives the same result after it as before."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(64, 512, generator=g).bfloat16(), torch.randn(512, 256, generator=g).bfloat16()
+    before = a @ b
+    torch.ops.llmbench.gemv(torch.randn(2, 512, generator=g).bfloat16(), torch.randn(64, 512, generator=g).bfloat16())
+    assert torch.equal(a @ b, before)

@@ -25,8 +25,8 @@ def _repeat(fn, kind, warmup, repeats):
 def measure_bandwidth(kind: str, nbytes: int, repeats: int = 5) -> list[dict]:
     """Read and copy of an nbytes fp32 buffer of random values, far larger than any cache. On CPU the
     read is probed both by torch's sum and by the C kernel library's own read loop (when it builds
-    here), alternately; from_records takes the best of either, so the ceiling is the best read rate
-    observed, not one library's reduction. Random values: a constant buffer read up to 2x faster than
+    here) with one and with four streams per thread, alternately; from_records takes the best, so the
+    ceiling is the best read rate observed, not one library's reduction or one access pattern. Random values: a constant buffer read up to 2x faster than
     any weights on a VM here (pages the host can share), which would overstate the ceiling."""
     x = torch.rand(nbytes // 4, dtype=torch.float32, device=torch_device(kind))
     y = torch.empty_like(x)
@@ -36,7 +36,8 @@ def measure_bandwidth(kind: str, nbytes: int, repeats: int = 5) -> list[dict]:
         from .quant import Unsupported
         try:
             cpu_gemv.library()
-            probes["C read loop (cpu_gemv.c)"] = lambda: cpu_gemv.read_f32(x)
+            for n in cpu_gemv.READ_STREAMS:
+                probes[f"C read loop (cpu_gemv.c), {n} stream(s) per thread"] = lambda n=n: cpu_gemv.read_f32(x, n)
         except Unsupported:
             pass
     for fn in probes.values():

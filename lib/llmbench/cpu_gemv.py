@@ -2,8 +2,9 @@
 
 At batch 1 a decode step is a chain of matrix-vector products: time is bytes of weights over read
 bandwidth. Inductor's fused multiply-reduce reached 75-84% of the measured read bandwidth in bf16 on a
-2-core EPYC; the C kernel reads ROWS weight rows at a time and, where the CPU has AVX512-BF16, multiplies
-bf16 pairs with vdpbf16ps (as llama.cpp does), so bf16 costs half the bytes of fp32 and little compute.
+2-core EPYC; the C kernel reads four weight rows side by side and, where the CPU has AVX512-BF16,
+multiplies bf16 pairs with vdpbf16ps (as llama.cpp does), or with AMX tiles where it has them, so bf16
+costs half the bytes of fp32 and little compute.
 
 `gemv` is a torch custom op (llmbench::gemv): torch.compile keeps it as one opaque call in the graph.
 The shared library is compiled once per source, compiler and CPU (-march=native), cached outside the
@@ -27,9 +28,9 @@ from .quant import Unsupported
 SOURCE = Path(__file__).with_suffix(".c")
 MAX_ROWS = 16  # x rows (batch x tokens) up to which a linear is memory bound enough for this kernel
 PREFILL_ROWS = 4096  # weight rows W8A8Linear widens to fp32 at a time beyond MAX_ROWS (<= 128 MB at K = 8192)
-PREFETCH_AHEAD = 1024  # bytes; 1-4 KB ahead measured alike on a 2-core Xeon
 KEEP_MARGIN = 0.97  # a measured choice replaces the default only where it cuts the time by more than 3% (noise)
 KERNELS = ("fp32", "bf16", "int8")
+READ_STREAMS = (1, 4)  # read probes: one stream per thread, or four side by side as the kernels read
 
 
 def _cpu_id() -> str:
@@ -61,11 +62,12 @@ def library() -> ctypes.CDLL:
         tmp.replace(so)  # atomic: a concurrent build never loads a half-written file
     lib = ctypes.CDLL(str(so))
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    for fn in (lib.gemv_f32, lib.gemv_bf16):
-        fn.argtypes, fn.restype = [ptr, ptr, ptr, i64, i64, i64, i64], None
-    lib.gemv_w8a8.argtypes, lib.gemv_w8a8.restype = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64], None
-    lib.read_f32.argtypes, lib.read_f32.restype = [ptr, i64], ctypes.c_float
+    lib.gemv_f32.argtypes, lib.gemv_f32.restype = [ptr, ptr, ptr, i64, i64, i64], None
+    lib.gemv_bf16.argtypes, lib.gemv_bf16.restype = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None
+    lib.gemv_w8a8.argtypes, lib.gemv_w8a8.restype = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64], None
+    lib.read_f32.argtypes, lib.read_f32.restype = [ptr, i64, i64], ctypes.c_float
     lib.gemv_paths.restype = ctypes.c_char_p
+    lib.amx = bool(lib.amx_bf16_enable())
     lib.tuned = _tune(lib, so.with_suffix(".tuned.json"))
     return lib
 
@@ -81,52 +83,50 @@ def pick(seconds: dict, default=0):
 LAYER = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))  # 1B's linears
 
 
+def candidates(lib, kernel: str) -> tuple:
+    """The paths one kernel may take here: the C kernel first (the default), AMX tiles for bf16 where this
+    build has them and the OS grants them, aten's own linear (MKL / oneDNN, what eager runs) for fp32 and bf16."""
+    return {"fp32": ("C", "aten"), "bf16": ("C", *(("AMX",) if lib.amx else ()), "aten"), "int8": ("C",)}[kernel]
+
+
 def _tune(lib, cached: Path) -> dict:
-    """{kernel: choice} for fp32, bf16 and int8: the software-prefetch distance ("ahead", and the time
-    with it over the time without), and for fp32 and bf16 whether aten's own linear (MKL / oneDNN, what
-    eager runs) beats the C kernel ("path": "C" or "aten"). Timed here on the linears of Llama 3.2 1B
-    decoder layers, as many as make 464 MB (beyond the caches), in alternating rounds; once per library."""
+    """{kernel: {"path": the fastest candidate, "time_vs_C": each candidate's time over the C kernel's}},
+    timed here on the linears of Llama 3.2 1B decoder layers, as many as make 464 MB (beyond the caches),
+    in alternating rounds; once per library. int8 has one path and is not timed."""
     if cached.exists():
         return json.loads(cached.read_text())
     per_layer = sum(n * k for n, k in LAYER)
-    buf = torch.full((4 * 2 * per_layer,), 0x3C, dtype=torch.uint8)  # 0x3c..: normal fp32 and bf16, int8 60
+    # Random bytes (a constant buffer read faster on a VM: pages the host can share), every odd byte 0x3c:
+    # the high byte of each bf16 and fp32, so every value is a normal float
+    buf = torch.randint(0, 256, (4 * 2 * per_layer,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    buf[1::2] = 0x3C
     x, y = torch.full((8192,), 0.5), torch.empty(8192)
-    scale, wsum = torch.ones(8192), torch.zeros(8192, dtype=torch.int32)
-    out = {}
-    for dtype, name in zip((torch.float32, torch.bfloat16, torch.int8), KERNELS):
-        size = dtype.itemsize
-        xs = {k: x[:k].to(dtype if name != "int8" else torch.float32) for k in (2048, 8192)}
+    out = {"int8": {"path": "C", "time_vs_C": {}}}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        xs = {k: x[:k].to(dtype) for k in (2048, 8192)}
         ws, at = [], 0
-        for _ in range(len(buf) // (size * per_layer)):
+        for _ in range(len(buf) // (dtype.itemsize * per_layer)):
             for n, k in LAYER:
-                ws.append(buf[at:at + size * n * k].view(dtype).view(n, k))
-                at += size * n * k
+                ws.append(buf[at:at + dtype.itemsize * n * k].view(dtype).view(n, k))
+                at += dtype.itemsize * n * k
 
-        def c_kernel(ahead, name=name, ws=ws, xs=xs):
+        def run(path, ws=ws, xs=xs, name=name):
             for w in ws:
-                n, k = w.shape
-                if name == "int8":
-                    lib.gemv_w8a8(xs[k].data_ptr(), w.data_ptr(), scale.data_ptr(), wsum.data_ptr(), y.data_ptr(),
-                                  1, n, k, ahead)
+                if path == "aten":
+                    torch.nn.functional.linear(xs[w.shape[1]], w)
+                elif name == "fp32":
+                    lib.gemv_f32(xs[w.shape[1]].data_ptr(), w.data_ptr(), y.data_ptr(), 1, *w.shape)
                 else:
-                    kernel = lib.gemv_f32 if name == "fp32" else lib.gemv_bf16
-                    kernel(xs[k].data_ptr(), w.data_ptr(), y.data_ptr(), 1, n, k, ahead)
-        runs = {0: lambda: c_kernel(0), PREFETCH_AHEAD: lambda: c_kernel(PREFETCH_AHEAD)}
-        if name != "int8":
-            runs["aten"] = lambda ws=ws, xs=xs: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws]
-        seconds = {c: [] for c in runs}
+                    lib.gemv_bf16(xs[w.shape[1]].data_ptr(), w.data_ptr(), y.data_ptr(), 1, *w.shape, path == "AMX")
+        seconds = {c: [] for c in candidates(lib, name)}
         for i in range(6):
-            for c, run in runs.items():
+            for c in seconds:
                 t0 = time.perf_counter()
-                run()
+                run(c)
                 if i:  # the first round warms up
                     seconds[c].append(time.perf_counter() - t0)
         med = {c: statistics.median(t) for c, t in seconds.items()}
-        ahead = pick({d: seconds[d] for d in (0, PREFETCH_AHEAD)})
-        out[name] = {"ahead": ahead, "time_ratio": round(med[PREFETCH_AHEAD] / med[0], 3), "path": "C"}
-        if name != "int8":
-            out[name].update(path=pick({"C": seconds[ahead], "aten": seconds["aten"]}, "C"),
-                             aten_time_ratio=round(med["aten"] / med[ahead], 3))
+        out[name] = {"path": pick(seconds, "C"), "time_vs_C": {c: round(med[c] / med["C"], 3) for c in med if c != "C"}}
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(out))
     tmp.replace(cached)
@@ -136,8 +136,8 @@ def _tune(lib, cached: Path) -> dict:
 def choice(kernel: str) -> str:
     """What _tune chose for one kernel (fp32, bf16, int8), in words."""
     v = library().tuned[kernel]
-    ratio = f" (aten/C time {v['aten_time_ratio']})" if "aten_time_ratio" in v else ""
-    return f"{kernel} " + ("aten linear" if v["path"] == "aten" else f"C, prefetch {v['ahead']} B") + ratio
+    times = ", ".join(f"{c} {r}" for c, r in v["time_vs_C"].items())
+    return f"{kernel} {'aten linear' if v['path'] == 'aten' else v['path']}" + (f" (time over C's: {times})" if times else "")
 
 
 def paths() -> str:
@@ -155,19 +155,22 @@ def _check_shapes(x, w) -> None:
 
 @torch.library.custom_op("llmbench::gemv", mutates_args=())
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [..., k] @ w[n, k]^T for fp32 or bf16 CPU tensors of one dtype: the C kernel, or aten's linear
-    where _tune measured that faster on this machine."""
+    """x [..., k] @ w[n, k]^T for fp32 or bf16 CPU tensors of one dtype: the C kernel, its AMX path, or
+    aten's linear, whichever _tune measured fastest on this machine."""
     if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
         raise ValueError(f"gemv takes fp32 or bf16 CPU tensors of one dtype, got {x.dtype} and {w.dtype} on {x.device}")
     _check_shapes(x, w)
     x, w = x.contiguous(), w.contiguous()
     lib = library()
-    fn, kernel = (lib.gemv_f32, "fp32") if x.dtype == torch.float32 else (lib.gemv_bf16, "bf16")
-    if lib.tuned[kernel]["path"] == "aten":  # measured faster here (_tune): what eager runs, inside the graph
+    path = lib.tuned["fp32" if x.dtype == torch.float32 else "bf16"]["path"]
+    if path == "aten":  # measured faster here (_tune): what eager runs, inside the graph
         return torch.nn.functional.linear(x, w)
     n, k = w.shape
     y = x.new_empty(*x.shape[:-1], n)
-    fn(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // k, n, k, lib.tuned[kernel]["ahead"])
+    if x.dtype == torch.float32:
+        lib.gemv_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // k, n, k)
+    else:
+        lib.gemv_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.numel() // k, n, k, path == "AMX")
     return y
 
 
@@ -191,7 +194,7 @@ def gemv_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, wsum: torch
     y = x.new_empty(*x.shape[:-1], n)
     lib = library()
     lib.gemv_w8a8(x.data_ptr(), w.data_ptr(), scale.data_ptr(), wsum.data_ptr(), y.data_ptr(),
-                  x.numel() // k, n, k, lib.tuned["int8"]["ahead"])
+                  x.numel() // k, n, k)
     return y
 
 
@@ -226,8 +229,11 @@ class W8A8Linear(torch.nn.Module):
         return y * sx * self.scale
 
 
-def read_f32(x: torch.Tensor) -> float:
-    """Sum of a contiguous fp32 CPU tensor by the kernel's own read loop (the bandwidth probe)."""
+def read_f32(x: torch.Tensor, streams: int = 1) -> float:
+    """Sum of a contiguous fp32 CPU tensor by the kernel library's read loop (the bandwidth probe), each
+    thread reading 1 or 4 streams side by side (READ_STREAMS: the patterns of the kernels)."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous():
         raise ValueError(f"read_f32 takes a contiguous fp32 CPU tensor, got {x.dtype} on {x.device}")
-    return library().read_f32(x.data_ptr(), x.numel())
+    if streams not in READ_STREAMS:
+        raise ValueError(f"read_f32: streams must be one of {READ_STREAMS}, got {streams}")
+    return library().read_f32(x.data_ptr(), x.numel(), streams)

@@ -24,7 +24,7 @@ import torch
 
 from . import llama
 from .device import synchronize, torch_device
-from .engine import Engine, LoadRequest
+from .engine import Engine, LoadRequest, greedy
 from .quant import Unsupported
 
 CPU_REDUCE_ROWS = 1  # rows (batch x tokens) up to which the inductor multiply-reduce beats its GEMM
@@ -173,7 +173,7 @@ def _positions(e: Engine, start: int, n: int):
 def prefill(e: Engine, ids):
     b, t = ids.shape
     e.model.setup_caches(b, max(e.model.max_seq, e.max_seq))  # a new batch size gets its own cache
-    return State(pos=t), _call(e, "prefill", ids, _positions(e, 0, t)).argmax(-1, keepdim=True)
+    return State(pos=t), greedy(_call(e, "prefill", ids, _positions(e, 0, t)))
 
 
 @torch.inference_mode()
@@ -185,7 +185,7 @@ def decode_logits(e: Engine, state: State, token):
 @torch.inference_mode()
 def decode(e: Engine, state: State, token):
     state, logits = decode_logits(e, state, token)
-    return state, logits.argmax(-1, keepdim=True)
+    return state, greedy(logits)
 
 
 @torch.inference_mode()

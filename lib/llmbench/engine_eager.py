@@ -9,7 +9,7 @@ import time
 import torch
 
 from .device import synchronize
-from .engine import Engine, LoadRequest
+from .engine import Engine, LoadRequest, greedy
 
 
 def build(req: LoadRequest, name: str, convert=None, quantize=None) -> Engine:
@@ -56,7 +56,7 @@ def _version() -> str:
 
 def _forward(e: Engine, ids, cache=None):
     out = e.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    return out.cache, greedy(out.logits[:, -1])
 
 
 @torch.inference_mode()
