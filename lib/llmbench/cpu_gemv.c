@@ -296,8 +296,10 @@ float read_f32(const float* a, int64_t n, int64_t streams) {
     }
     tot += (s0 + s1) + (s2 + s3);
   }
-  for (int64_t j = nb * streams * len; j < n; j++) tot += a[j];
-  return tot;
+  float tail = 0;  // under one block: a norm's weight, or the end of a tensor of no Llama shape
+  #pragma omp simd reduction(+:tail)
+  for (int64_t j = nb * streams * len; j < n; j++) tail += a[j];
+  return tot + tail;
 }
 
 // Which paths this build has, for the engine's description.
