@@ -55,8 +55,7 @@ def test_the_kernel_paths_follow_the_cpu_flags():
     flags = set(open("/proc/cpuinfo").read().split()) if __import__("os").path.exists("/proc/cpuinfo") else set()
     paths = cpu_gemv.paths()
     assert ("AVX512-BF16" in paths) == ("avx512_bf16" in flags)
-    assert ("AMX tiles" in paths) == ("avx512_bf16" in flags and "amx_bf16" in flags)
-    if cpu_gemv.library().amx:
+    if "AMX tiles" in paths or cpu_gemv.library().amx:  # a compiler without -mamx-bf16 builds no AMX path
         assert "amx_bf16" in flags
     assert ("AVX512-VNNI" in paths) == ("avx512_vnni" in flags)
 
