@@ -65,7 +65,7 @@ def _cpu_w8a8(model, req: LoadRequest) -> tuple[list[str], str]:
     # library(): Unsupported (no C compiler) before any weight is touched
     isa = cpu_gemv.library().gemv_paths().decode().split("int8: ")[-1]
     return replace_linears(model, cpu_gemv.W8A8Linear), (
-        f"C gemv_w8a8 (cpu_gemv.c; {isa}; measured here: {cpu_gemv.choice('int8')}): int8 per-channel weights, "
+        f"C gemv_w8a8 (cpu_gemv.c; {isa}): int8 per-channel weights, "
         "int8 per-token symmetric activations, int32 accumulation")
 
 
