@@ -29,14 +29,16 @@ import pandas as pd
 import llmbench  # noqa: F401  (before torch: its allocator's huge-page setting, see llmbench/__init__.py)
 import torch
 
-from llmbench import ceilings, engine
-from llmbench import costmodel as cm
-from llmbench.device import DTYPES, fastest_dtype, pick_device, timed, torch_device
-from llmbench.errors import UserError, check_choice
-from llmbench.measure import compiles_so_far
-from llmbench.quant import METHODS, Unsupported
-from llmbench.stats import flatten, ratio_of_medians
-from llmbench.workload import make_batch
+from llmbench.measure import ceilings
+from llmbench import engines as engine
+from llmbench.model import costmodel as cm
+from llmbench.platform.device import DTYPES, fastest_dtype, pick_device, timed, torch_device
+from llmbench.core.errors import UserError, check_choice
+from llmbench.measure.timing import compiles_so_far
+from llmbench.model.quant.methods import METHODS
+from llmbench.core.errors import Unsupported
+from llmbench.core.stats import flatten, ratio_of_medians
+from llmbench.model.inputs import make_batch
 
 MODELS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 ENGINES = ("eager", "compiled")
@@ -63,7 +65,7 @@ def weight_reader(e, device_rate: float):
             flat.append(t.detach().reshape(-1).view(torch.float32))
     nbytes = sum(f.numel() * 4 for f in flat)
     try:
-        from llmbench import cpu_gemv
+        from llmbench.model.quant import cpu_gemv
         cpu_gemv.library()
         readers = [lambda f, n=n: cpu_gemv.read_f32(f, n) for n in cpu_gemv.READ_STREAMS]
     except Unsupported:
@@ -131,7 +133,7 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="fp32, fp16, bf16, or auto: bf16 where usable, else fp32 "
                     "(quantized on CPU: fp32, the activations its int8 kernels take)")
-    ap.add_argument("--quant", default="none", help="none, or a method of llmbench.quant (w8a8, ...)")
+    ap.add_argument("--quant", default="none", help="none, or a method of llmbench.model.quant.methods (w8a8, ...)")
     ap.add_argument("--context", type=int, default=32, help="prompt tokens in the cache before decoding")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per repeat")
     ap.add_argument("--repeats", type=int, default=3)

@@ -34,13 +34,13 @@ ENGINES_OURS = ("compiled", "eager")
 def serve(cfg: dict) -> None:
     """The child: load one configuration, prefill and warm up, say READY; then for each number n read
     from stdin, time n decode steps one by one and print them; 0 ends."""
-    from llmbench import engine  # before torch: its allocator's huge-page setting (llmbench/__init__.py)
+    from llmbench import engines as engine  # before torch: its allocator's huge-page setting (llmbench/__init__.py)
     import torch
-    from llmbench.device import synchronize, timed, torch_device
-    from llmbench.engine import LoadRequest
-    from llmbench.models import load_config
-    from llmbench.quant import Unsupported
-    from llmbench.workload import make_batch
+    from llmbench.platform.device import synchronize, timed, torch_device
+    from llmbench.engines import LoadRequest
+    from llmbench.model.models import load_config
+    from llmbench.core.errors import Unsupported
+    from llmbench.model.inputs import make_batch
     kind, ctx, warmup = cfg["kind"], cfg["context"], cfg["warmup"]
     req = LoadRequest(cfg["engine"], cfg["model"], cfg["weights"], cfg["dtype"], cfg["quant"], kind,
                       max_batch=1, max_seq=ctx + warmup + cfg["max_steps"] + 1, tokens="random")
@@ -161,8 +161,9 @@ def export(cfg: dict, timeout: int) -> int:
 
 
 def gguf_size(cfg: dict) -> None:
-    from llmbench import engine_llamacpp, gguf_export
-    from llmbench.models import check_weights_path
+    from llmbench.engines import llamacpp as engine_llamacpp
+    from llmbench.model import gguf_export
+    from llmbench.model.models import check_weights_path
     t = engine_llamacpp.gguf_type(cfg["dtype"], cfg["quant"], cfg["kind"])
     g = gguf_export.export(cfg["model"], check_weights_path(cfg["weights"]), 0, t, cfg["dtype"])
     print(f"GGUF {g.path.stat().st_size}")
@@ -225,7 +226,7 @@ def precision(model, prec, dtype, quant, peer_c, base, sizes, args) -> str:
     """Each of our engines (compiled, eager) against llama.cpp at one precision, each pair in the same
     machine phases; our best path is the engine with the lowest TPOT of its own, and its ratio
     (llama.cpp's faster type over ours) is the figure. Returns the summary cell."""
-    from llmbench.stats import ratio_of_medians
+    from llmbench.core.stats import ratio_of_medians
     best, statuses = None, []
     for eng in args.ours:
         status, desc, pairs = against_peer({**base, "engine": eng, "dtype": dtype, "quant": quant}, peer_c, base,
@@ -276,9 +277,9 @@ def main():
         return serve(json.loads(args.serve))
     if args.export:
         return gguf_size(json.loads(args.export))
-    from llmbench.device import pick_device, usable_dtypes
-    from llmbench.errors import check_choice
-    from llmbench.models import model_names
+    from llmbench.platform.device import pick_device, usable_dtypes
+    from llmbench.core.errors import check_choice
+    from llmbench.model.models import model_names
     for m in args.models:
         check_choice("model", m, model_names())
     for eng in args.ours:
@@ -314,7 +315,7 @@ def main():
 
 
 if __name__ == "__main__":
-    from llmbench.errors import UserError
+    from llmbench.core.errors import UserError
     try:
         main()
     except UserError as e:  # a bad --model or --device: one line, no traceback

@@ -11,14 +11,16 @@ import sys
 import gc
 import time
 
-from llmbench import engine, quant
-from llmbench.device import pick_device
-from llmbench.errors import UserError
-from llmbench.fidelity import compare_logits
-from llmbench.measure import time_decode, time_prefill
-from llmbench.models import load_config
-from llmbench.stats import flatten, ratio_of_medians
-from llmbench.workload import make_batch
+from llmbench import engines as engine
+from llmbench.model.quant import methods as quant
+from llmbench.platform.device import pick_device
+from llmbench.core.errors import UserError
+from llmbench.measure.fidelity import compare_logits
+from llmbench.measure.timing import time_decode, time_prefill
+from llmbench.model.models import load_config
+from llmbench.core.stats import flatten, ratio_of_medians
+from llmbench.model.inputs import make_batch
+from llmbench.core import errors
 
 
 def main():
@@ -44,7 +46,7 @@ def main():
         try:
             e = engine.load(engine.LoadRequest(engine=args.engine, model=args.model, weights=args.weights,
                                                dtype=args.dtype, quant=method, kind=kind, max_seq=seq, tokens="random"))
-        except quant.Unsupported as why:
+        except errors.Unsupported as why:
             print(f"{method:>6}: unsupported: {why}")
             continue
         wb = e.weight_bytes

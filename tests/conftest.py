@@ -80,7 +80,7 @@ class FakeNpu:
         return [c[0] for c in self.calls]
 
 
-# The fake's own chip table, written from torch_npu's docs independently of llmbench.quant_npu, so that a
+# The fake's own chip table, written from torch_npu's docs independently of llmbench.model.quant.npu, so that a
 # wrong gate in the library shows up as a kernel error here. Chip names: torch_npu NpuVariables.cpp/.h (2.13.0).
 FAKE_CHIPS = {**{c: "a2" for c in ("Ascend910B1", "Ascend910B2", "Ascend910B2C", "Ascend910B3", "Ascend910B4",
                                     "Ascend910B4-1")},

@@ -1,7 +1,7 @@
 import pytest
 
-from llmbench import costmodel as cm
-from llmbench.models import load_config
+from llmbench.model import costmodel as cm
+from llmbench.model.models import load_config
 
 
 def test_flops_per_token_is_2n_over_matmul_weights():
@@ -32,7 +32,7 @@ def test_bounds_and_shares():
 
 
 def test_measured_time_is_never_below_the_bound(smoke_runs):
-    from llmbench.records import read_all
+    from llmbench.measure.records import read_all
     df = read_all(smoke_runs)
     timed = df[(df.unit == "s") & df.bound_s.notna() & (df.status == "ok")]
     assert len(timed) > 20

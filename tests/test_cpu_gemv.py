@@ -3,8 +3,10 @@ a machine without a compiler gets the inductor path, and the engine says which p
 import pytest
 import torch
 
-from llmbench import cpu_gemv, engine, engine_compiled
-from llmbench.quant import Unsupported
+from llmbench.model.quant import cpu_gemv
+from llmbench import engines as engine
+from llmbench.engines import compiled as engine_compiled
+from llmbench.core.errors import Unsupported
 
 
 @pytest.fixture(params=["C", "AMX", "aten"])

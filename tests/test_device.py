@@ -3,8 +3,8 @@ import time
 import pytest
 import torch
 
-from llmbench import device
-from llmbench.errors import UserError
+from llmbench.platform import device
+from llmbench.core.errors import UserError
 
 
 def test_cpu_is_picked_here_and_env_overrides_auto(monkeypatch):

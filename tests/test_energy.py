@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmbench import energy
-from llmbench.records import record
+from llmbench.platform import energy
+from llmbench.measure.records import record
 
 NOSYNC = dict(sync=lambda: None)
 
@@ -152,7 +152,7 @@ def test_npu_smi_failing_or_absent_is_unsupported(tmp_path, monkeypatch):
 
 
 def test_npu_id_must_be_a_number(monkeypatch):
-    from llmbench.errors import UserError
+    from llmbench.core.errors import UserError
     monkeypatch.setenv("LLMBENCH_NPU_SMI_ID", "0; rm -rf /")
     with pytest.raises(UserError, match="not a number"):
         energy.npu_id()
@@ -245,7 +245,7 @@ def test_rows_per_token_request_power_and_above_idle():
 def test_measure_rows_in_one_call(monkeypatch):
     t0 = time.perf_counter()
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(energy_mj=lambda t: 120_000 * (t - t0)))  # 120 W
-    monkeypatch.setattr("llmbench.device.synchronize", lambda kind: None)
+    monkeypatch.setattr("llmbench.platform.device.synchronize", lambda kind: None)
     out = {f["metric"]: f for f in energy.measure_rows("cuda", lambda: time.sleep(0.02), tokens_per_call=8,
                                                         requests_per_call=2, idle_watts=20.0, min_seconds=0.3)}
     assert np.median(out["avg_power"]["samples"]) == pytest.approx(120, rel=1e-2)

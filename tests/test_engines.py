@@ -3,8 +3,12 @@ timed window is caught; CPU dtypes are decided by measurement."""
 import pytest
 import torch
 
-from llmbench import device, engine, engine_eager, latency, measure
-from llmbench.workload import make_batch
+from llmbench.platform import device
+from llmbench import engines as engine
+from llmbench.engines import eager as engine_eager
+from llmbench.experiments import latency
+from llmbench.measure import timing as measure
+from llmbench.model.inputs import make_batch
 
 
 def _load(name, model="tiny-1b", **kw):
@@ -50,7 +54,7 @@ def test_a_compilation_inside_timed_steps_is_counted_and_refused(monkeypatch):
 
 
 def test_unknown_engine_is_one_clear_error():
-    from llmbench.errors import UserError
+    from llmbench.core.errors import UserError
     with pytest.raises(UserError, match=r"unknown engine 'vllm'; valid: eager, compiled, llamacpp"):
         engine.module("vllm")
 
@@ -65,7 +69,7 @@ def test_cpu_16bit_dtypes_follow_the_measured_matmul_rate(monkeypatch):
 
 
 def test_cpu_matmul_rates_are_measured_once_and_cached(monkeypatch, tmp_path):
-    from llmbench import paths
+    from llmbench.core import paths
     monkeypatch.setattr(paths, "DATA", tmp_path)
     monkeypatch.setattr(device, "CPU_RATE_SHAPE", (16, 32, 32))
     first = device.cpu_matmul_rates()
@@ -78,7 +82,7 @@ def test_cpu_matmul_rates_are_measured_once_and_cached(monkeypatch, tmp_path):
 def test_cpu_decode_attention_equals_sdpa_with_grouped_heads_and_a_masked_tail(b, h, kv, filled):
     """The compiled engine's single-query attention (plain ops) against SDPA on the same cache: query heads
     share KV heads in groups, and cache slots past the current position are masked out."""
-    from llmbench.llama import decode_attention
+    from llmbench.model.llama import decode_attention
     g = torch.Generator().manual_seed(b * h + filled)
     S, d = 12, 16
     q = torch.randn(b, h, 1, d, generator=g)

@@ -2,7 +2,9 @@
 import pandas as pd
 import torch
 
-from llmbench import batch_sweep, latency, session
+from llmbench.experiments import batch_sweep
+from llmbench.experiments import latency
+from llmbench.experiments import session
 
 
 def _ctx(tmp_path, **params):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from llmbench.fidelity import compare_logits, perplexity
+from llmbench.measure.fidelity import compare_logits, perplexity
 
 
 def test_identical_logits():

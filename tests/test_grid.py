@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from conftest import cli
-from llmbench.errors import UserError
-from llmbench.grid import load_grid, safe_slug
+from llmbench.core.errors import UserError
+from llmbench.orchestration.grid import load_grid, safe_slug
 
 
 def write(tmp_path, doc, name="g.yaml"):
@@ -73,12 +73,12 @@ def test_invalid_grid_runs_nothing(tmp_path):
 def test_string_parameters_are_injected_as_literals(tmp_path):
     """A valid but hostile directory name cannot become code in the executed notebook."""
     import papermill
-    from llmbench import paths
-    from llmbench.models import load_model
+    from llmbench.core import paths
+    from llmbench.model.models import load_model
     hostile = tmp_path / "w\"; import os; os.system('touch pwned') #"
     m, _ = load_model("tiny-1b")
     m.save_pretrained(hostile, safe_serialization=True)
-    from llmbench.params import check_value
+    from llmbench.experiments.params import check_value
     check_value("01_latency", "weights", str(hostile))  # valid: it exists and holds safetensors
     nb = papermill.parameterize.parameterize_notebook(
         papermill.iorw.load_notebook_node(str(paths.NOTEBOOKS / "01_latency.ipynb")), {"weights": str(hostile)})

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from llmbench import engine, engine_llamacpp, gguf_export, llamacpp_build
-from llmbench.engine import LoadRequest
-from llmbench.models import load_model
-from llmbench.quant import Unsupported
+from llmbench import engines as engine
+from llmbench.engines import llamacpp as engine_llamacpp
+from llmbench.model import gguf_export
+from llmbench.platform import llamacpp_build
+from llmbench.engines import LoadRequest
+from llmbench.model.models import load_model
+from llmbench.core.errors import Unsupported
 
 from conftest import ROOT
 
@@ -43,7 +46,7 @@ def test_permute_interleaves_the_rotate_half_halves_per_head():
 @pytest.mark.parametrize("model", ["tiny-1b", "llama-3.2-1b"])
 def test_rope_freqs_are_transformers_llama3_scaling(model):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    from llmbench.models import head_dim, load_config
+    from llmbench.model.models import head_dim, load_config
     cfg = load_config(model)
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     dim, base = head_dim(cfg), cfg.rope_parameters["rope_theta"]

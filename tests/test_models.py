@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from llmbench import models
-from llmbench.errors import UserError
+from llmbench.model import models
+from llmbench.core.errors import UserError
 
 
 def test_exact_published_counts_without_allocating():

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
-from llmbench import noise
-from llmbench.records import COLUMNS
+from llmbench.platform import noise
+from llmbench.measure.records import COLUMNS
 
 NO_IDLE_EXCUSE = noise.Limits(free_cores=float("inf"))  # judge others' use alone: same verdict on 2 or 64 cores
 
@@ -138,7 +138,8 @@ def test_machine_check_names_a_busy_process_and_strict_refuses(tmp_path, capsys,
     assert check["line"].startswith("machine BUSY") and "\n" not in check["line"]
     assert "governor" in check["line"] and check["mem_total_bytes"] > 0
 
-    from llmbench import cli, runner
+    from llmbench.orchestration import runner
+    from llmbench import cli
     monkeypatch.setattr(runner, "load_grid", lambda path: {"name": "g", "points": []})  # validation: tested elsewhere
     grid = tmp_path / "g.yaml"
     p = _busy_process()

@@ -4,8 +4,8 @@ import ast
 import nbformat
 import pytest
 
-from llmbench import paths
-from llmbench.params import declared, validate
+from llmbench.core import paths
+from llmbench.experiments.params import declared, validate
 
 NOTEBOOKS = sorted(p.stem for p in paths.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 

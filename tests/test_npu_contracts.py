@@ -7,9 +7,12 @@ import torch
 from torch import nn
 
 from conftest import NpuKernelError, fake_torch_npu, unpack_int4
-from llmbench import quant, quant_npu
-from llmbench.device import DTYPES
-from llmbench.models import load_config
+from llmbench.model.quant import methods as quant
+from llmbench.model.quant import npu as quant_npu
+from llmbench.platform.device import DTYPES
+from llmbench.model.models import load_config
+from llmbench.core import errors
+from llmbench.platform import npu_chips
 
 # What torch_npu's docs say each chip runs (independent of quant_npu's table): "ran" or a word of the refusal.
 EXPECTED = {
@@ -64,13 +67,13 @@ def run_method(monkeypatch, chip, method, model_name="llama-3.2-1b", tokens=4):
     The chip gate is llmbench's own (quant.quantize on the tiny model, the same code path); a model of the real
     shapes is quantized once per (model, method, dtype) and its forward runs on every chip the gate admits,
     where the fake checks each op against its own chip table."""
-    from llmbench.models import load_model
+    from llmbench.model.models import load_model
     _, mod = fake_torch_npu(monkeypatch, chip=chip)
     dtype = _dtype(chip)
     tiny, _ = load_model("tiny-1b", dtype="fp32", device="cpu")
     try:
         quant.quantize(tiny.to(DTYPES[dtype]), method, "npu", dtype)
-    except quant.Unsupported as e:
+    except errors.Unsupported as e:
         return "refused", str(e)
     key = (model_name, method, dtype)
     if key not in _quantized:
@@ -149,11 +152,11 @@ def test_w4a16_on_3b_layer_shapes(monkeypatch, k, n):
     assert float((y.float() - ref).norm() / ref.norm()) < 0.2
 
 
-@pytest.mark.parametrize("chip", [c for c in quant_npu.GENERATION if c not in CHIPS])
+@pytest.mark.parametrize("chip", [c for c in npu_chips.GENERATION if c not in CHIPS])
 def test_every_chip_name(monkeypatch, chip):
     """Each known chip name through llmbench's gate and the fake's kernels (tiny shapes): ran or refused as documented."""
-    from llmbench.models import load_model
-    gen = quant_npu.GENERATION[chip]
+    from llmbench.model.models import load_model
+    gen = npu_chips.GENERATION[chip]
     for method in ("w8a16", "w8a8", "w4a16"):
         _, mod = fake_torch_npu(monkeypatch, chip=chip)
         dtype = "bf16" if gen in ("a2", "a3") else "fp16"
@@ -162,7 +165,7 @@ def test_every_chip_name(monkeypatch, chip):
         want = EXPECTED[gen][method]
         try:
             quant.quantize(model, method, "npu", dtype)
-        except quant.Unsupported as e:
+        except errors.Unsupported as e:
             print(f"\n{chip:15s} {method:6s} {dtype}: refused: {e}")
             assert want != "ran" and want in str(e)
             continue
@@ -271,19 +274,19 @@ def test_fake_refuses_quantized_layers_on_chips_that_lack_them(monkeypatch):
 # --- the chip table -----------------------------------------------------------------------------
 
 def test_chip_names_match_exactly():
-    assert quant_npu.chip_supports("Ascend910B2", "bf16") == (True, "")
-    ok, why = quant_npu.chip_supports("Ascend910B", "bf16")  # first generation, not an A2
+    assert npu_chips.chip_supports("Ascend910B2", "bf16") == (True, "")
+    ok, why = npu_chips.chip_supports("Ascend910B", "bf16")  # first generation, not an A2
     assert not ok and "first-generation" in why
-    ok, why = quant_npu.chip_supports("ascend910b2", "w8a16")
+    ok, why = npu_chips.chip_supports("ascend910b2", "w8a16")
     assert not ok and "not in llmbench's chip table" in why
-    assert quant_npu.chip_supports("Ascend910_9392", "graph") == (True, "")
-    assert not quant_npu.chip_supports("Ascend310P3", "graph")[0]
-    assert not quant_npu.chip_supports("Ascend910A", "graph")[0]
+    assert npu_chips.chip_supports("Ascend910_9392", "graph") == (True, "")
+    assert not npu_chips.chip_supports("Ascend310P3", "graph")[0]
+    assert not npu_chips.chip_supports("Ascend910A", "graph")[0]
     with pytest.raises(ValueError, match="unknown feature"):
-        quant_npu.chip_supports("Ascend910B2", "fp8")
-    assert quant_npu.method_refusal("Ascend310P3", "w8a16", "fp16") == ""
-    assert "no bf16" in quant_npu.method_refusal("Ascend310P3", "w8a16", "bf16")
-    assert "fp16/bf16" in quant_npu.method_refusal("Ascend910B2", "w8a8", "fp32")
+        npu_chips.chip_supports("Ascend910B2", "fp8")
+    assert npu_chips.method_refusal("Ascend310P3", "w8a16", "fp16") == ""
+    assert "no bf16" in npu_chips.method_refusal("Ascend310P3", "w8a16", "bf16")
+    assert "fp16/bf16" in npu_chips.method_refusal("Ascend910B2", "w8a8", "fp32")
 
 
 def test_n_chunks():
@@ -296,7 +299,7 @@ def test_n_chunks():
 
 
 def test_unverified_items_are_data():
-    items = quant_npu.unverified()
+    items = npu_chips.unverified()
     assert len(items) >= 3 and all({"what", "why", "source"} <= set(i) for i in items)
 
 
@@ -327,7 +330,7 @@ def test_fake_signatures_match_torch_npu(monkeypatch):
 # --- ceilings on npu: the int8 ceiling is what w8a8 runs; published specs match exact chip names ---------
 
 def test_npu_int8_ceiling_times_dynamic_quant_and_quant_matmul(monkeypatch):
-    from llmbench import ceilings
+    from llmbench.measure import ceilings
     npu, mod = fake_torch_npu(monkeypatch)
     monkeypatch.setattr(ceilings, "torch_device", lambda kind: "cpu")  # the fake computes on the CPU
     r = ceilings.measure_int8_matmul("npu", (64, 256, 128), repeats=3)
@@ -343,7 +346,7 @@ def test_npu_int8_ceiling_times_dynamic_quant_and_quant_matmul(monkeypatch):
 
 
 def test_spec_for_matches_exact_chip_names():
-    from llmbench.ceilings import spec_for
+    from llmbench.measure.ceilings import spec_for
     assert spec_for("Ascend910B2")["key"] == "ascend-910b2"
     assert spec_for("Ascend910B4")["key"] == "ascend-910b4"
     assert spec_for("Ascend910A")["key"] == "ascend-910a"
@@ -351,6 +354,6 @@ def test_spec_for_matches_exact_chip_names():
     assert spec_for("Ascend910B25") is None and spec_for("ascend910b2") is None
     assert spec_for("NVIDIA H100 80GB HBM3")["key"] == "nvidia-h100"
     assert spec_for("NVIDIA H100 PCIe") is None  # other bandwidth than the SXM spec
-    for key, spec in __import__("llmbench.ceilings", fromlist=["load_specs"]).load_specs().items():
+    for key, spec in __import__("llmbench.measure.ceilings", fromlist=["load_specs"]).load_specs().items():
         if key.startswith("ascend"):
-            assert set(spec["names"]) <= set(quant_npu.GENERATION), key
+            assert set(spec["names"]) <= set(npu_chips.GENERATION), key

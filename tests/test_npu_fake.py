@@ -3,9 +3,11 @@ import pytest
 import torch
 from torch import nn
 
-from llmbench import device, quant
-from llmbench.errors import UserError
-from llmbench.quant_npu import NpuW4A16Linear, NpuW8A8Linear, NpuW8A16Linear
+from llmbench.platform import device
+from llmbench.model.quant import methods as quant
+from llmbench.core.errors import UserError
+from llmbench.model.quant.npu import NpuW4A16Linear, NpuW8A8Linear, NpuW8A16Linear
+from llmbench.core import errors
 
 
 def test_npu_comes_first_when_torch_npu_is_available(fake_npu):
@@ -109,14 +111,14 @@ def test_w4a16_packs_int4_and_passes_group_scales(fake_npu):
 
 
 def test_quantize_on_npu_replaces_every_linear_and_refuses_fp32(fake_npu):
-    from llmbench.models import load_model
+    from llmbench.model.models import load_model
     model, _ = load_model("tiny-1b", dtype="fp32", device="cpu")
     model = model.to(torch.float16)
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
     replaced = quant.quantize(model, "w8a16", "npu", "fp16")
     assert len(replaced) == n_linear == 7 * 2 + 1 and "lm_head" in replaced
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    with pytest.raises(quant.Unsupported, match="fp16/bf16 activations"):
+    with pytest.raises(errors.Unsupported, match="fp16/bf16 activations"):
         quant.quantize(model, "w8a8", "npu", "fp32")
 
 

@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from llmbench import quant
-from llmbench.fidelity import compare_logits
-from llmbench.models import load_model
+from llmbench.model.quant import methods as quant
+from llmbench.measure.fidelity import compare_logits
+from llmbench.model.models import load_model
+from llmbench.core import errors
 
 
 def all_logits(model, ids):
@@ -59,8 +60,8 @@ def test_uint4_groupwise_dequantizes_to_the_weight():
 
 def test_unsupported_combinations_are_reasons_not_fallbacks():
     model, _ = load_model("tiny-1b")
-    with pytest.raises(quant.Unsupported, match="fp32 activations, not bf16"):
+    with pytest.raises(errors.Unsupported, match="fp32 activations, not bf16"):
         quant.quantize(model, "w8a8", "cpu", "bf16")
-    with pytest.raises(quant.Unsupported, match="torchao"):
+    with pytest.raises(errors.Unsupported, match="torchao"):
         quant.quantize(model, "w8a16", "cuda", "bf16")  # torchao is not installed in the CPU environment
     assert quant.quantize(model, "none", "cpu", "fp32") == []

@@ -13,9 +13,14 @@ import pytest
 import yaml
 
 from conftest import LLMBENCH, ROOT, cli
-from llmbench import ceilings, run_ray, runner
-from llmbench.grid import load_grid
-from llmbench.records import COLUMNS, read_all, read_json, write_json
+from llmbench.measure import ceilings
+from llmbench.orchestration import ray_executor as run_ray
+from llmbench.orchestration import runner
+from llmbench.orchestration.grid import load_grid
+from llmbench.measure.records import COLUMNS, read_all
+from llmbench.core.files import read_json, write_json
+from llmbench.orchestration import layout
+from llmbench.orchestration import local
 
 TINY = {"prompt_lens": [[8]], "decode_contexts": [[8]], "decode_steps": [2], "gen_prompt_len": [8],
         "gen_new_tokens": [[3]]}
@@ -93,7 +98,7 @@ def test_ray_grid_killed_task_killed_driver_resume(cluster, tmp_path):
         procs = point_processes("raygrid")
         return procs if sum("01_latency" in c for c in procs.values()) == 2 else None
     procs = wait_for(both_latency_points, 180, "two latency points running at once")
-    device_run = runner.device_point(load_grid(g)["points"][0], platform.node())["run_id"]
+    device_run = layout.device_point(load_grid(g)["points"][0], platform.node())["run_id"]
     assert [p.name for p in gdir.iterdir() if not p.name.startswith(".")] == [device_run]  # it ended before them
     visible = sorted(environ(pid).get("ASCEND_RT_VISIBLE_DEVICES") for pid in procs)
     assert visible == ["0", "1"], visible
@@ -119,7 +124,7 @@ def test_ray_grid_killed_task_killed_driver_resume(cluster, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 already done, running 2" in r.stdout
     grid = load_grid(g)
-    devices, rest = runner.ordered_todo(grid, gdir, platform.node(), force=True)
+    devices, rest = local.ordered_todo(grid, gdir, platform.node(), force=True)
     expected = sorted(p["run_id"] for p in devices + rest)  # exactly what the local executor writes
     final = sorted(p.name for p in gdir.iterdir() if not p.name.startswith("."))
     assert final == expected
@@ -170,14 +175,14 @@ def test_ceilings_come_from_this_host_and_device_only(tmp_path):
 
 def test_device_points_have_one_run_per_host(tmp_path):
     point = {"notebook": "00_device", "params": {"quick": True}, "run_id": "00_device-abc"}
-    assert runner.point_status(tmp_path, point)["status"] == "pending"
-    a, b = runner.device_point(point, "node-a"), runner.device_point(point, "node b")
+    assert layout.point_status(tmp_path, point)["status"] == "pending"
+    a, b = layout.device_point(point, "node-a"), layout.device_point(point, "node b")
     assert (a["run_id"], b["run_id"]) == ("00_device-abc-node-a", "00_device-abc-node_b")
     for p, status in ((a, "ok"), (b, "failed")):
         write_json({"status": status}, tmp_path / p["run_id"] / "run.json")
-    assert runner.point_status(tmp_path, a)["status"] == "ok"
-    assert runner.point_status(tmp_path, point)["status"] == "failed"  # the grid point: not ok on every host
-    assert [rid for rid, _ in runner.point_runs(tmp_path, point)] == [a["run_id"], b["run_id"]]
+    assert layout.point_status(tmp_path, a)["status"] == "ok"
+    assert layout.point_status(tmp_path, point)["status"] == "failed"  # the grid point: not ok on every host
+    assert [rid for rid, _ in layout.point_runs(tmp_path, point)] == [a["run_id"], b["run_id"]]
 
 
 def test_a_point_takes_one_accelerator_or_a_whole_cpu_node():

@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from llmbench import records
+from llmbench.measure import records
+from llmbench.core import files
 
 
 def test_record_fills_statistics_and_rejects_unknown_fields():
@@ -13,7 +14,7 @@ def test_record_fills_statistics_and_rejects_unknown_fields():
 
 def test_atomic_writes_leave_no_temporary_files(tmp_path):
     records.write_records([records.record(metric="x", samples=[1.0])], tmp_path / "r.parquet")
-    records.write_json({"a": 1}, tmp_path / "run.json")
+    files.write_json({"a": 1}, tmp_path / "run.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.parquet", "run.json"]
     assert len(pd.read_parquet(tmp_path / "r.parquet")) == 1
 
@@ -21,7 +22,7 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
 def test_only_finished_ok_runs_are_read(tmp_path):
     def run(path, status):
         path.mkdir(parents=True)
-        records.write_json({"status": status, "run_id": path.name, "notebook": "01_latency"}, path / "run.json")
+        files.write_json({"status": status, "run_id": path.name, "notebook": "01_latency"}, path / "run.json")
         records.write_records([records.record(run_id=path.name, metric="m", samples=[1.0])], path / "records.parquet")
     run(tmp_path / "g" / "good", "ok")
     run(tmp_path / "g" / "bad", "failed")

@@ -3,10 +3,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmbench import claims as C
-from llmbench import energy
-from llmbench import report_energy as RE
-from llmbench.records import COLUMNS, record
+from llmbench.claims import checks as C
+from llmbench.platform import energy
+from llmbench.report import energy as RE
+from llmbench.measure.records import COLUMNS, record
+from llmbench.claims import energy as energy_claims
 
 BASE = dict(weights="synthetic", tokens="synthetic-ids", device="cuda", device_name="Fake GPU", engine="eager",
             dtype="bf16", prompt_len=128, new_tokens=64)
@@ -68,7 +69,7 @@ def test_unreadable_energy_is_said_from_the_records():
     text = RE.text(df)
     assert "not readable** on Some CPU (cpu): " + status in text and "2 energy records say so" in text
     assert RE.table(df).empty and RE.ratio_table(df).empty and RE.figure(df, "unused") is None
-    res = RE.energy_per_request({}, {"df": df, "kind": "cpu", "pair": ("llama-3.2-1b", "llama-3.2-3b")})
+    res = energy_claims.energy_per_request({}, {"df": df, "kind": "cpu", "pair": ("llama-3.2-1b", "llama-3.2-3b")})
     assert res["verdict"] == f"not testable: needs a readable energy meter (here: {status})"
     assert RE.text(pd.DataFrame(columns=[*COLUMNS, "notebook"])).startswith("No energy records")
 
@@ -79,17 +80,17 @@ def ctx(df, kind="cuda"):
 
 def test_energy_claims_follow_the_numbers():
     df = frame(ratio_none=2.5, ratio_q=2.0)
-    [per_req] = RE.energy_per_request({}, ctx(df))
+    [per_req] = energy_claims.energy_per_request({}, ctx(df))
     assert per_req["verdict"] == C.SUPPORTED and per_req["engine"] == "eager" and "batch 8" in per_req["value"]
-    assert RE.quant_energy_gap({}, ctx(df))["verdict"] == C.SUPPORTED
-    assert RE.quant_energy_gap({}, ctx(frame(ratio_none=2.0, ratio_q=2.5)))["verdict"] == C.CONTRADICTED
-    [per_req] = RE.energy_per_request({}, ctx(frame(ratio_none=0.9, ratio_q=0.9)))
+    assert energy_claims.quant_energy_gap({}, ctx(df))["verdict"] == C.SUPPORTED
+    assert energy_claims.quant_energy_gap({}, ctx(frame(ratio_none=2.0, ratio_q=2.5)))["verdict"] == C.CONTRADICTED
+    [per_req] = energy_claims.energy_per_request({}, ctx(frame(ratio_none=0.9, ratio_q=0.9)))
     assert per_req["verdict"] == C.CONTRADICTED
-    tw = RE.tops_per_watt({}, ctx(df))  # on cuda: a value for context, judged only on an NPU
+    tw = energy_claims.tops_per_watt({}, ctx(df))  # on cuda: a value for context, judged only on an NPU
     assert tw["verdict"].startswith("not testable: needs an Ascend NPU") and "TOPS/W" in tw["value"]
     # the 3B does 2.60x the 1B's FLOPs per token: at 2.0x the energy (w8a8) it wins, at 2.8x it loses
-    assert RE.tops_per_watt({}, ctx(df, "npu"))["verdict"] == C.SUPPORTED
-    assert RE.tops_per_watt({}, ctx(frame(2.8, 2.8), "npu"))["verdict"] == C.CONTRADICTED
+    assert energy_claims.tops_per_watt({}, ctx(df, "npu"))["verdict"] == C.SUPPORTED
+    assert energy_claims.tops_per_watt({}, ctx(frame(2.8, 2.8), "npu"))["verdict"] == C.CONTRADICTED
 
 
 def test_energy_claims_are_in_the_claims_check():

@@ -6,15 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmbench import anomalies as A
-from llmbench import choose as CH
-from llmbench import claims as C
-from llmbench import costmodel as cm
-from llmbench import decode_fit
-from llmbench import engines_report as E
-from llmbench import figures as F
-from llmbench import report as R
-from llmbench.models import load_config
+from llmbench.results import anomalies as A
+from llmbench.report import choose as CH
+from llmbench.claims import checks as C
+from llmbench.claims import check_all
+from llmbench.model import costmodel as cm
+from llmbench.results import decode_fit
+from llmbench.report import engines as E
+from llmbench.report import figures as F
+from llmbench.report import sections as R
+from llmbench.model.models import load_config
+from llmbench.results.frame import repeats
+from llmbench.results import ratios
 
 S, L = "llama-3.2-1b", "llama-3.2-3b"
 BW = 200e9  # bytes/s of the planted machine
@@ -101,7 +104,7 @@ def test_ttft_prose_follows_the_numbers():
 # --- the engine axis never collapses a table --------------------------------------------------------
 
 def test_ratio_table_keeps_one_row_per_engine():
-    t = R.ratio_table(study(("eager", "compiled")))
+    t = ratios.ratio_table(study(("eager", "compiled")))
     tp = t[t.metric == "TPOT"]
     assert sorted(tp.engine.unique()) == ["compiled", "eager"]
     assert len(tp) == 4  # two engines x two contexts
@@ -153,7 +156,7 @@ def test_a_claimed_rate_above_the_devices_bound_is_contradicted_by_a_physical_bo
     above = _claim(check="throughput_range", range={"small": [1e6, 2e6], "large": [1e6, 2e6]},
                    batch={"small": 32, "large": 16}, request={"prompt": 128, "new": 128}, reading="full")
     within = {**above, "range": {"small": [1, 2], "large": [1, 2]}}
-    out = C.check_all(study(), R.projection([S, L]), claims=[above, within])
+    out = check_all(study(), R.projection([S, L]), claims=[above, within])
     assert out[0]["verdict"] == C.BOUND
     assert out[1]["verdict"].startswith("not testable: needs an Ascend NPU")
     assert "requests/s" in out[0]["value"]
@@ -164,7 +167,7 @@ def test_not_testable_names_the_missing_input():
     gain = _claim(check="quant_speedup", device="any", range=[2.0, 4.0])
     d = pd.concat([study(), frame([{**tpot(S, context=64), "quant": "w8a8", "median": 0.02},
                                    rec("kl_mean", 1e-3, S, quant="w8a8", unit="nats", experiment="fidelity")])])
-    out = C.check_all(d, R.projection([S, L]), claims=[robust, gain])
+    out = check_all(d, R.projection([S, L]), claims=[robust, gain])
     assert "real weights" in out[0]["verdict"]
     assert "16-bit baseline" in out[1]["verdict"] and "vs fp32" in out[1]["value"]
 
@@ -173,7 +176,7 @@ def test_quant_gain_is_judged_against_16_bit_when_it_ran():
     gain = _claim(check="quant_speedup", device="any", range=[2.0, 4.0])
     rows = [{**tpot(S), "dtype": "bf16", "median": 0.030, "samples": [0.030] * 5},
             {**tpot(S), "dtype": "bf16", "quant": "w8a16", "median": 0.010, "samples": [0.010] * 5}]
-    out = C.check_all(frame(rows), R.projection([S, L]), claims=[gain])[0]
+    out = check_all(frame(rows), R.projection([S, L]), claims=[gain])[0]
     assert out["verdict"] == "supported" and "3" in out["why"]
 
 
@@ -182,7 +185,7 @@ def test_ratio_claims_are_judged_per_engine():
     # eager with a 40 ms fixed cost per step: 3B/1B = (40 + 64) / (40 + 25) ms = 1.6, below the claim
     d = frame([tpot(m, e, c, fixed=0.040 if e == "eager" else 0.002) for e in ("eager", "compiled") for m in (S, L)
                for c in (64, 256)])
-    out = C.check_all(d, R.projection([S, L]), claims=[claim])
+    out = check_all(d, R.projection([S, L]), claims=[claim])
     assert sorted(o["engine"] for o in out) == ["compiled", "eager"]
     by = {o["engine"]: o["verdict"] for o in out}
     assert by["eager"] == "contradicted"
@@ -193,7 +196,7 @@ def test_memory_ratio_uses_the_measured_peaks():
     claim = _claim(check="memory_ratio", device="any", range=[2.5, 3.5])
     rows = [rec("peak_memory", 5.0e9, S, unit="bytes", context_len=64, spread=0),
             rec("peak_memory", 12.2e9, L, unit="bytes", context_len=64, spread=0)]
-    out = C.check_all(frame(rows), R.projection([S, L]), claims=[claim])[0]
+    out = check_all(frame(rows), R.projection([S, L]), claims=[claim])[0]
     assert out["verdict"] == "contradicted" and "2.44" in out["value"]
 
 
@@ -234,7 +237,7 @@ def test_every_figure_has_alt_text(tmp_path):
 
 
 def test_llmbench_status_lists_the_anomalies_of_a_grid_folder(tmp_path):
-    from llmbench.records import write_json
+    from llmbench.core.files import write_json
     run = tmp_path / "01_latency-x"
     run.mkdir()
     d = frame([ttft(S, 16, 0.200), ttft(S, 128, 0.050)]).drop(columns=["notebook"])
@@ -259,8 +262,8 @@ def test_choose_finds_the_largest_batch_whose_decode_step_meets_the_limit():
 
 def test_a_ratio_resamples_the_repeats_its_records_were_measured_in():
     g = frame([{**tpot(S), "samples": [1.0, 1.1, 1.2, 2.0, 2.1], "sample_blocks": [3, 2]}])
-    assert R.repeats(g) == [[1.0, 1.1, 1.2], [2.0, 2.1]]
-    assert list(R.repeats(frame([tpot(S)]))) == tpot(S)["samples"]  # no blocks: flat
+    assert repeats(g) == [[1.0, 1.1, 1.2], [2.0, 2.1]]
+    assert list(repeats(frame([tpot(S)]))) == tpot(S)["samples"]  # no blocks: flat
 
 
 def test_the_batch_search_beyond_the_grid_is_reported_as_the_finding():

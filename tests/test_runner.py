@@ -12,7 +12,8 @@ import pandas as pd
 import yaml
 
 from conftest import LLMBENCH, ROOT, cli
-from llmbench.records import read_all, read_json
+from llmbench.measure.records import read_all
+from llmbench.core.files import read_json
 
 TINY = {"prompt_lens": [[8]], "decode_contexts": [[8]], "decode_steps": [2], "gen_prompt_len": [8],
         "gen_new_tokens": [[3]], "repeats": [2], "tokens": ["random"]}  # tiny vocabularies: seeded ids
@@ -93,7 +94,7 @@ def test_sigkill_mid_grid_then_resume(tmp_path):
 
 
 def test_failed_point_is_recorded_and_the_grid_goes_on(tmp_path):
-    from llmbench.models import load_model
+    from llmbench.model.models import load_model
     m, _ = load_model("tiny-3b")
     m.save_pretrained(tmp_path / "w3", safe_serialization=True)
     g = grid(tmp_path, "failing", {"01_latency": {"params": TINY}},

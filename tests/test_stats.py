@@ -1,6 +1,6 @@
 import numpy as np
 
-from llmbench import stats
+from llmbench.core import stats
 
 
 def test_summary_matches_numpy():
@@ -83,7 +83,7 @@ def test_block_bootstrap_covers_the_true_median_at_the_stated_rate():
 
 
 def test_blocks_survive_a_record_and_one_repeat_has_no_ci():
-    from llmbench.records import record
+    from llmbench.measure.records import record
     x = [[1.0, 1.1, 1.2], [2.0, 2.1], [1.5, 1.4, 1.6, 1.5]]
     r = record(samples=x, metric="tpot", unit="s")
     assert r["samples"] == [v for b in x for v in b] and r["sample_blocks"] == [3, 2, 4]

@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from llmbench import tokenizers as T
-from llmbench import workload as W
-from llmbench.errors import UserError
-from llmbench.models import load_config, load_tokenizer
+from llmbench.model import tokenizers as T
+from llmbench.model import inputs as W
+from llmbench.core.errors import UserError
+from llmbench.model.models import load_config, load_tokenizer
+from llmbench.claims.vocabulary import vocabulary_claim
+from llmbench.report import vocabulary
 
 # Published encodings, independent of this code:
 # - llama-models' own test (llama_models/llama3/tests/api/test_tokenizer.py): "This is a test sentence."
@@ -203,7 +205,7 @@ def test_load_tokenizer_rules(llama):
 
 
 def test_tokens_parameter_is_validated():
-    from llmbench.params import check_value
+    from llmbench.experiments.params import check_value
     check_value("01_latency", "tokens", "random")
     with pytest.raises(UserError, match="unknown value 'real'; valid: corpus, random"):
         check_value("01_latency", "tokens", "real")
@@ -221,17 +223,17 @@ def _latency_records():
 
 
 def test_latency_per_thousand_characters():
-    out = W.per_kchars(_latency_records(), tpc=0.5).set_index("model")
+    out = vocabulary.per_kchars(_latency_records(), tpc=0.5).set_index("model")
     one, three = out.loc["llama-3.2-1b"], out.loc["llama-3.2-3b"]
     assert one.prompt_len == 256 and one["TTFT per 1,000 chars (ms)"] == pytest.approx(256e-3 / 512 * 1000 * 1e3)
     assert one.context_len == 256 and one["decode 1,000 chars (s)"] == pytest.approx(500 * (0.1 + 0.0256))
     assert three["decode 1,000 chars (s)"] / one["decode 1,000 chars (s)"] == pytest.approx(2.5)
     assert "engine" not in out.columns  # one engine only: not a column
-    assert W.per_kchars(pd.DataFrame(), 0.5).empty
+    assert vocabulary.per_kchars(pd.DataFrame(), 0.5).empty
 
 
 def test_report_section_text_table_and_figure(tmp_path, table):
-    text, shown, lat, fig = W.section(_latency_records(), tmp_path)
+    text, shown, lat, fig = vocabulary.section(_latency_records(), tmp_path)
     l, q = W.overall(table, "llama3"), W.overall(table, "qwen")
     assert f"**{l:.3f} tokens per character**" in text and f"**{q:.3f}**" in text and "151,851 ids" in text
     assert set(shown.tokenizer) == {"llama3", "qwen"} and len(lat) == 2
@@ -242,11 +244,11 @@ def test_report_section_text_table_and_figure(tmp_path, table):
 def test_vocabulary_claim_can_go_either_way():
     from llmbench.claims import CHECKS, load_claims
     claim = next(c for c in load_claims() if c["check"] == "vocabulary_claim")
-    assert CHECKS["vocabulary_claim"] is W.vocabulary_claim
-    res = W.vocabulary_claim(claim, {})
+    assert CHECKS["vocabulary_claim"] is vocabulary_claim
+    res = vocabulary_claim(claim, {})
     assert "128,256 -> 151,851" in res["value"] and res["verdict"] in ("supported", "contradicted")
-    wide = W.vocabulary_claim({**claim, "range": [0.01, 100]}, {})
-    empty = W.vocabulary_claim({**claim, "range": [100, 200]}, {})
+    wide = vocabulary_claim({**claim, "range": [0.01, 100]}, {})
+    empty = vocabulary_claim({**claim, "range": [100, 200]}, {})
     assert (wide["verdict"], empty["verdict"]) == ("supported", "contradicted") and empty["why"]
 
 

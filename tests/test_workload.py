@@ -1,7 +1,7 @@
 import torch
 
-from llmbench import workload
-from llmbench.models import load_config
+from llmbench.model import inputs as workload
+from llmbench.model.models import load_config
 
 
 def test_corpus_is_chinese_mixed_and_long_tailed():

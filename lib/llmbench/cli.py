@@ -4,7 +4,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from llmbench.core.errors import UserError
 
 
 def _print_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
@@ -15,8 +15,8 @@ def _print_table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
 
 
 def cmd_models(args) -> int:
-    from . import costmodel
-    from .models import describe_model, load_config, model_names
+    from llmbench.model import costmodel
+    from llmbench.model.models import describe_model, load_config, model_names
     out = []
     for name in model_names():
         d = describe_model(name)
@@ -42,7 +42,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from .device import availability, describe, pick_device
+    from llmbench.platform.device import availability, describe, pick_device
     kind = pick_device(args.device)
     info = describe(kind)
     info["available"] = {k: (ok or why) for k in ("npu", "cuda", "cpu") for ok, why in [availability(k)]}
@@ -55,27 +55,29 @@ def cmd_env(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from .device import pick_device
+    from llmbench.platform.device import pick_device
     print(pick_device("auto"))
     return 0
 
 
 def cmd_run(args) -> int:
-    from .runner import run_grid
+    from llmbench.orchestration.runner import run_grid
     return run_grid(args.grid, force=args.force, dry_run=args.dry_run, runs_root=args.runs, strict=args.strict,
                     executor=args.executor, address=args.address)
 
 
 def cmd_status(args) -> int:
-    from .runner import status
-    return status(args.grid, runs_root=args.runs)
+    from llmbench.orchestration.runner import status
+    from llmbench.results.anomalies import status_lines
+    return status(args.grid, runs_root=args.runs, checks=status_lines)
 
 
 def cmd_run_point(args) -> int:
     """One grid point, self-contained: any scheduler can run this on any machine."""
-    from .grid import safe_slug
-    from .params import check_value, declared
-    from .runner import check_kernel, run_point
+    from llmbench.orchestration.grid import safe_slug
+    from llmbench.experiments.params import check_value, declared
+    from llmbench.platform.nbexec import check_kernel
+    from llmbench.orchestration.point import run_point
     declared(args.notebook)  # an unknown notebook is a user error, not a failed run
     try:
         params = json.loads(args.params)
@@ -94,7 +96,7 @@ def cmd_run_point(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report_build import build
+    from llmbench.report.build import build
     html = build(args.results, figures_dir=args.figures, html_path=args.html)
     print(f"report: {html}")
     return 0

@@ -13,11 +13,12 @@ configs), bound (cost model on a published spec), or published.
 import numpy as np
 import yaml
 
-from . import costmodel as cm
-from . import paths
-from . import report as R
-from .models import describe_model, load_config
-from .stats import ratio_of_medians
+from llmbench.core import paths
+from llmbench.core.stats import ratio_of_medians
+from llmbench.measure.ceilings import load_specs
+from llmbench.model import costmodel as cm
+from llmbench.model.models import describe_model, load_config
+from llmbench.results import fmt, frame, ratios
 
 SUPPORTED, CONTRADICTED = "supported", "contradicted"
 BOUND = "contradicted by a physical bound"
@@ -73,7 +74,7 @@ def flops_per_token(claim, ctx):
 
 
 def _best_tpot(ctx, quantized: bool) -> dict:
-    d = R.ok(ctx["df"], metric="tpot", batch=1)
+    d = frame.ok(ctx["df"], metric="tpot", batch=1)
     d = d[d.quant != "none"] if quantized else d
     return {m: d[d.model == m]["median"].min() for m in MODELS if (d.model == m).any()}
 
@@ -86,10 +87,10 @@ def _bound_tpot(ctx, model) -> float:
 
 def latency_range(claim, ctx):
     best = _best_tpot(ctx, quantized=True)
-    here = ", ".join(f"{m}: {R.fmt_time(v)}" for m, v in best.items()) or "no quantized TPOT measured"
+    here = ", ".join(f"{m}: {fmt.fmt_time(v)}" for m, v in best.items()) or "no quantized TPOT measured"
     rng = claim["range"]
     bounds = {m: _bound_tpot(ctx, m) for m in MODELS}
-    bound_txt = ", ".join(f"{m} {R.fmt_time(b)}" for m, b in bounds.items())
+    bound_txt = ", ".join(f"{m} {fmt.fmt_time(b)}" for m, b in bounds.items())
     # a claimed latency below the projection's lower bound (the fastest it can be) is impossible
     below = [m for m, r in zip(MODELS, ("small", "large")) if np.isfinite(bounds[m]) and rng[r][1] < bounds[m]]
     value = f"best quantized TPOT here: {here}; lower bounds on an Ascend 910 (int8 weights): {bound_txt}"
@@ -105,7 +106,7 @@ def latency_range(claim, ctx):
 
 
 def _ratio_rows(ctx, metric="TPOT"):
-    t = R.ratio_table(ctx["df"])
+    t = ratios.ratio_table(ctx["df"])
     return t[t.metric == metric] if len(t) else t
 
 
@@ -119,8 +120,8 @@ def tpot_ratio(claim, ctx):
     out = []
     for _, g in t.groupby([k for k in ("engine", "dtype", "quant") if k in t], dropna=False):
         r = g.loc[g.tokens.idxmin()]
-        value = (f"3B/1B TPOT = {R.fmt_ci(r.ratio, r.ci_low, r.ci_high)} ({r.get('engine', 'eager')}, {r['dtype']}, "
-                 f"context {int(r['tokens'])}); weight-bytes ratio {R.weight_ratio(*MODELS):.2f}")
+        value = (f"3B/1B TPOT = {fmt.fmt_ci(r.ratio, r.ci_low, r.ci_high)} ({r.get('engine', 'eager')}, {r['dtype']}, "
+                 f"context {int(r['tokens'])}); weight-bytes ratio {ratios.weight_ratio(*MODELS):.2f}")
         if claim["device"] == "npu" and ctx["kind"] != "npu":
             res = _not_here(ctx, value)
         else:
@@ -133,7 +134,6 @@ def tpot_ratio(claim, ctx):
 def _request_bounds(model, spec_key, prompt, new, batch) -> dict:
     """Upper bounds on requests/s on one published device spec at the claim's batch, int8 weights at the
     int8 peak (the claims are about quantized models), for two readings of "request"."""
-    from .ceilings import load_specs
     spec = load_specs()[spec_key]
     cfg = load_config(model)
     peak = (spec["peak_TFLOPS"].get("int8") or spec["peak_TFLOPS"]["fp16"]) * 1e12
@@ -148,7 +148,7 @@ def _request_bounds(model, spec_key, prompt, new, batch) -> dict:
 def throughput_range(claim, ctx):
     """A claimed rate above the device's upper bound is contradicted without a measurement. The verdict uses
     the reading named in the claim's rule; the other reading is shown beside it."""
-    d = R.ok(ctx["df"], notebook="02_batch_sweep", metric="requests_per_s")
+    d = frame.ok(ctx["df"], notebook="02_batch_sweep", metric="requests_per_s")
     here = ", ".join(f"{m}: {d[d.model == m]['median'].max():.3g} requests/s" for m in MODELS if (d.model == m).any())
     req, reading, spec = claim["request"], claim["reading"], claim.get("spec", "ascend-910a")
     parts, impossible = [], []
@@ -159,7 +159,6 @@ def throughput_range(claim, ctx):
                      f"prefill (claimed {claim['range'][r][0]:g}-{claim['range'][r][1]:g})")
         if claim["range"][r][0] > b[reading]:
             impossible.append(m)
-    from .ceilings import load_specs
     value = (f"Upper bounds on the {load_specs()[spec]['name']} (int8 peak and int8 weights): " + "; ".join(parts)
              + f". Best here: {here or 'none'}.")
     if impossible:
@@ -173,7 +172,7 @@ def throughput_range(claim, ctx):
 
 
 def throughput_ratio(claim, ctx):
-    d = R.ok(ctx["df"], notebook="02_batch_sweep", quant="none")
+    d = frame.ok(ctx["df"], notebook="02_batch_sweep", quant="none")
     metric = "decode_tokens_per_s" if (d.metric == "decode_tokens_per_s").any() else "tokens_per_s"
     d = d[d.metric == metric]
     if not _has_pair(ctx) or d.empty:
@@ -185,10 +184,10 @@ def throughput_ratio(claim, ctx):
         if not common:
             continue
         b = max(common)
-        s, l = (R.repeats(g[(g.model == m) & (g.batch == b)]) for m in MODELS)
+        s, l = (frame.repeats(g[(g.model == m) & (g.batch == b)]) for m in MODELS)
         r, lo, hi = ratio_of_medians(l, s)
         lo_c, hi_c = claim["range"]
-        out.append({"value": f"1B/3B {metric.replace('_', ' ')} at batch {int(b)}: {R.fmt_ci(r, lo, hi)} "
+        out.append({"value": f"1B/3B {metric.replace('_', ' ')} at batch {int(b)}: {fmt.fmt_ci(r, lo, hi)} "
                              f"({' '.join(map(str, key if isinstance(key, tuple) else (key,)))})",
                     "verdict": _ci_inside(r, lo, hi, lo_c, hi_c), "basis": "measured", "why": "",
                     "engine": g.engine.iat[0] if "engine" in g else None})
@@ -199,17 +198,17 @@ def throughput_ratio(claim, ctx):
 def memory_range(claim, ctx):
     rng = claim["range"]
     derived = {m: cm.dense_weight_bytes(load_config(m), 2) for m in MODELS}
-    peak = R.ok(ctx["df"], notebook="01_latency", metric="peak_memory", quant="none")
-    here = "; ".join(f"{m} {dt}: peak {R.fmt_gb(g['median'].max())}"
+    peak = frame.ok(ctx["df"], notebook="01_latency", metric="peak_memory", quant="none")
+    here = "; ".join(f"{m} {dt}: peak {fmt.fmt_gb(g['median'].max())}"
                      for (m, dt), g in peak.groupby(["model", "dtype"]) if m in MODELS)
     ok = all(_inside(derived[m], *rng[r]) for m, r in zip(MODELS, ("small", "large")))
-    return {"value": f"16-bit weights: 1B {R.fmt_gb(derived[MODELS[0]])}, 3B {R.fmt_gb(derived[MODELS[1]])}. "
+    return {"value": f"16-bit weights: 1B {fmt.fmt_gb(derived[MODELS[0]])}, 3B {fmt.fmt_gb(derived[MODELS[1]])}. "
                      f"Measured peak here: {here or 'no peak-memory records'}",
             "verdict": _verdict(ok), "basis": "derived (16-bit weights, the seed's deployment precision)", "why": ""}
 
 
 def memory_ratio(claim, ctx):
-    peak = R.ok(ctx["df"], metric="peak_memory", quant="none", batch=1)
+    peak = frame.ok(ctx["df"], metric="peak_memory", quant="none", batch=1)
     lo, hi = claim["range"]
     rows = []
     for key, g in peak.groupby([k for k in ("engine", "dtype", "experiment", "prompt_len", "context_len") if k in peak],
@@ -218,7 +217,7 @@ def memory_ratio(claim, ctx):
         if len(got) == 2:
             rows.append((got[MODELS[1]] / got[MODELS[0]], key))
     share = {m: describe_model(m)["embedding_share"] for m in MODELS}
-    weights = f"weight-bytes ratio {R.weight_ratio(*MODELS):.2f} (the 1B spends {share[MODELS[0]]:.0%} of its " \
+    weights = f"weight-bytes ratio {ratios.weight_ratio(*MODELS):.2f} (the 1B spends {share[MODELS[0]]:.0%} of its " \
               f"parameters on the embedding, the 3B {share[MODELS[1]]:.0%})"
     if not rows:
         return {"value": weights, "verdict": untestable("peak memory of both models at one shape"),
@@ -232,7 +231,7 @@ def memory_ratio(claim, ctx):
 def _speedups(ctx):
     """Per model and int8/int4 method: TPOT speed-up against the 16-bit and the fp32 baselines, where both
     exist (same model and engine, batch 1, smallest context)."""
-    d = R.ok(ctx["df"], metric="tpot", batch=1)
+    d = frame.ok(ctx["df"], metric="tpot", batch=1)
     out = []
     for (model, engine), g in d.groupby(["model", "engine"]) if "engine" in d else d.groupby(["model", d.model]):
         base = {dt: g[(g.quant == "none") & (g.dtype == dt)] for dt in ("fp32", *SIXTEEN)}
@@ -242,7 +241,7 @@ def _speedups(ctx):
             for bdt, b in base.items():
                 b = b[b.context_len == m.context_len.iat[0]]
                 if len(b):
-                    row[bdt] = ratio_of_medians(R.repeats(m), R.repeats(b))
+                    row[bdt] = ratio_of_medians(frame.repeats(m), frame.repeats(b))
             out.append(row)
     return out
 
@@ -254,7 +253,7 @@ def quant_speedup(claim, ctx):
         return {"value": "no quantized TPOT measured", "verdict": untestable("a quantized run"), "basis": "measured",
                 "why": ""}
     def txt(r):
-        parts = [f"{R.fmt_ci(*r[b])}x vs {b}" for b in ("bf16", "fp16", "fp32") if b in r]
+        parts = [f"{fmt.fmt_ci(*r[b])}x vs {b}" for b in ("bf16", "fp16", "fp32") if b in r]
         return f"{r['model']} {r['method']} ({r['engine']}): " + ", ".join(parts)
     value = "; ".join(txt(r) for r in rows)
     sixteen = [r for r in rows if any(b in r for b in SIXTEEN)]
@@ -268,7 +267,7 @@ def quant_speedup(claim, ctx):
 
 
 def quant_robustness(claim, ctx):
-    d = R.ok(ctx["df"], metric="kl_mean")
+    d = frame.ok(ctx["df"], metric="kl_mean")
     if d.empty or set(d.weights) != {"real"}:
         return {"value": "fidelity measured on synthetic weights only" if len(d) else "no fidelity records",
                 "verdict": untestable("real weights of both models (random weights have no outlier channels, which "
@@ -281,7 +280,7 @@ def quant_robustness(claim, ctx):
 
 
 def utilization(claim, ctx):
-    d = R.ok(ctx["df"], notebook="01_latency", quant="none")
+    d = frame.ok(ctx["df"], notebook="01_latency", quant="none")
     mbu = d[d.metric == "tpot"].mbu.max()
     mfu = d[d.metric == "ttft"].mfu.max()
     value = f"best decode MBU {mbu:.1%}, best prefill MFU {mfu:.1%} (against this device's measured ceilings)"
@@ -291,10 +290,9 @@ def utilization(claim, ctx):
 
 
 def device_peak(claim, ctx):
-    from .ceilings import load_specs
     spec = load_specs()[claim["spec"]]
     pub = spec["peak_TFLOPS"]["fp16"]
-    c = R.ok(ctx["df"], experiment="ceiling", metric="matmul_throughput", dtype="fp16")
+    c = frame.ok(ctx["df"], experiment="ceiling", metric="matmul_throughput", dtype="fp16")
     if ctx["kind"] == "npu" and len(c) and "910a" in str(c.device_name.iat[0]).lower().replace(" ", ""):
         got = c["median"].max() / 1e3
         return {"value": f"measured fp16 matmul {got:.3g} TFLOP/s", "verdict": _verdict(got >= 0.8 * claim["expected_TFLOPS"]),
@@ -307,35 +305,3 @@ def device_peak(claim, ctx):
 CHECKS = {f.__name__: f for f in (flops_per_token, latency_range, tpot_ratio, throughput_range, throughput_ratio,
                                   memory_range, memory_ratio, quant_speedup, quant_robustness, utilization,
                                   device_peak)}
-
-
-def check_all(df, proj, claims=None) -> list[dict]:
-    """One row per claim (per engine for the ratio claims): claim, rule, value, verdict, basis, why."""
-    ctx = {"df": df, "kind": R.device_kind(df), "pair": R.pair(df), "proj": proj}
-    out = []
-    for claim in claims or load_claims():
-        res = CHECKS[claim["check"]](claim, ctx)
-        for r in res if isinstance(res, list) else [res]:
-            out.append({"claim": claim["quote"], "gloss": claim["gloss"], "rule": claim.get("rule", ""),
-                        "engine": r.pop("engine", None) or "", **r})
-    return out
-
-
-def verdict_counts(checks) -> dict:
-    counts = {}
-    for c in checks:
-        v = c["verdict"].split(":")[0]
-        counts[v] = counts.get(v, 0) + 1
-    return counts
-
-
-# The energy claims are checked beside the energy section (lib/llmbench/report_energy.py).
-from .report_energy import CLAIM_CHECKS as _ENERGY_CHECKS  # noqa: E402
-
-CHECKS.update(_ENERGY_CHECKS)
-
-
-# The vocabulary claim is checked beside the tokenizer measurements (lib/llmbench/workload.py).
-from .workload import vocabulary_claim  # noqa: E402
-
-CHECKS["vocabulary_claim"] = vocabulary_claim

@@ -8,3 +8,7 @@ class UserError(Exception):
 def check_choice(what: str, value, valid) -> None:
     if value not in valid:
         raise UserError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+class Unsupported(Exception):
+    """This method has no real kernel for this backend and dtype; the message says why."""

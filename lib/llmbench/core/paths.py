@@ -2,7 +2,7 @@
 import os
 from pathlib import Path
 
-ROOT = Path(os.environ.get("LLMBENCH_ROOT") or Path(__file__).resolve().parents[2])
+ROOT = Path(os.environ.get("LLMBENCH_ROOT") or Path(__file__).resolve().parents[3])
 DATA = ROOT / "data"
 MODELS = DATA / "models"
 GRIDS = DATA / "grids"

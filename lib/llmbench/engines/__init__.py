@@ -1,21 +1,27 @@
 """The engine seam: one interface over every way of running a model (gpt-fast style: functions, no
 class hierarchy). Experiments call only these functions; engines never write records.
 
-An engine is a module `engine_<name>.py` with:
+An engine is a module `engines/<name>.py` with:
   load(req: LoadRequest) -> Engine        weights loaded, quantized and compiled or captured;
-                                          raises quant.Unsupported("why") when it cannot run here
+                                          raises core.errors.Unsupported("why") when it cannot run here
   prefill(e, ids) -> (state, token)       one forward over ids [batch, len] (LongTensor on the device);
                                           state holds the KV cache; token: next ids [batch, 1]
   decode(e, state, token) -> (state, token)   one step: one new token per sequence
   generate(e, ids, n) -> ids              greedy, exactly n new tokens: LongTensor [batch, len + n]
   logits(e, ids) -> Tensor                fp32 logits of every position, on the CPU [batch, len, vocab]
   release(e, state) -> None               drop a state (frees its KV cache, or resets a static one)
+and may add the optional hooks of OPTIONAL (the interface's defaults stand in where it does not):
+  decode_logits(e, state, token) -> (state, logits)   one step that returns its fp32 logits [batch, vocab]
+  reference(e) -> Engine | None           the eager engine over this engine's very own weight tensors
+                                          (the agreement check's reference), or None
 The Engine record carries what the cost model and the records need (bytes streamed per step, compute
 dtype, load/quantize/compile times, a description of what actually runs).
 """
 import importlib
 from dataclasses import dataclass, field
 from typing import Any
+
+from llmbench.core.errors import Unsupported, check_choice
 
 ENGINES = ("eager", "compiled", "llamacpp")
 
@@ -66,9 +72,8 @@ def greedy(logits):
 
 def module(name: str):
     """The engine module for a name (imported on first use: llama_cpp or torch_npu only when asked)."""
-    from .errors import check_choice
     check_choice("engine", name, ENGINES)
-    return importlib.import_module(f".engine_{name}", __package__)
+    return importlib.import_module(f"llmbench.engines.{name}")
 
 
 # Experiments call these; each dispatches to the engine's module.
@@ -94,3 +99,26 @@ def logits(e: Engine, ids):
 
 def release(e: Engine, state) -> None:
     module(e.name).release(e, state)
+
+
+def _no_decode_logits(e: Engine, state, token):
+    raise Unsupported(f"the {e.name} engine does not return per-step decode logits")
+
+
+# Optional hooks -> what stands in where an engine module does not define them.
+OPTIONAL = {
+    "decode_logits": _no_decode_logits,
+    "reference": lambda e: None,
+}
+
+
+def _hook(e: Engine, name: str):
+    return getattr(module(e.name), name, OPTIONAL[name])
+
+
+def decode_logits(e: Engine, state, token):
+    return _hook(e, "decode_logits")(e, state, token)
+
+
+def reference(e: Engine) -> Engine | None:
+    return _hook(e, "reference")(e)

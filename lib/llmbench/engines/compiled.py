@@ -15,6 +15,7 @@ length on accelerators. Compile time is measured per (function, shape) on the fi
 `e.extra["compiles"]`; `compile_count` reads dynamo's counter so that a recompilation during timed
 steps is detected by the caller.
 """
+import dataclasses
 import functools
 import os
 import time
@@ -22,10 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from . import llama
-from .device import synchronize, torch_device
-from .engine import Engine, LoadRequest, greedy
-from .quant import Unsupported
+from llmbench.core.errors import Unsupported
+from llmbench.engines import Engine, LoadRequest, greedy
+from llmbench.engines.eager import build
+from llmbench.model import llama
+from llmbench.model.quant import cpu_gemv
+from llmbench.model.quant.methods import replace_linears
+from llmbench.platform.device import is_oom
+from llmbench.platform.device import synchronize, torch_device
+from llmbench.platform.npu_chips import chip_supports
 
 CPU_REDUCE_ROWS = 1  # rows (batch x tokens) up to which the inductor multiply-reduce beats its GEMM
 
@@ -49,7 +55,6 @@ def _c_linear(w, x):
 def _cpu_linear_path() -> tuple:
     """(function, rows up to which it is used, description): the C gemv kernel where it builds here,
     else inductor's multiply-reduce at batch 1, with the reason the kernel is missing."""
-    from . import cpu_gemv
     try:
         return _c_linear, cpu_gemv.MAX_ROWS, f"linears of <= {cpu_gemv.MAX_ROWS} rows: C gemv ({cpu_gemv.paths()})"
     except Unsupported as why:
@@ -58,8 +63,6 @@ def _cpu_linear_path() -> tuple:
 
 def _cpu_w8a8(model, req: LoadRequest) -> tuple[list[str], str]:
     """w8a8 on CPU through the C kernel: fbgemm's dynamic Linear (engine eager's w8a8) cannot be traced."""
-    from . import cpu_gemv
-    from .quant import replace_linears
     if req.dtype != "fp32":
         raise Unsupported(f"the CPU int8 kernels here take fp32 activations, not {req.dtype}")
     # library(): Unsupported (no C compiler) before any weight is touched
@@ -86,7 +89,6 @@ def _compile_options(kind: str) -> tuple[dict, str]:
     if kind == "cuda":
         return dict(mode="reduce-overhead", fullgraph=True, dynamic=False), "torch.compile reduce-overhead (CUDA graphs)"
     if kind == "npu":
-        from .quant_npu import chip_supports
         ok, why = chip_supports(torch.npu.get_device_name(0), "graph")
         if not ok:
             raise Unsupported(f"npugraph_ex graph mode: {why}")
@@ -105,7 +107,6 @@ def _prefill_step(model, ids, pos):
 
 
 def load(req: LoadRequest) -> Engine:
-    from .engine_eager import build
     import torch._dynamo
     torch._dynamo.config.recompile_limit = 64  # one graph per batch size and prompt length; never fall back
     torch._dynamo.config.fail_on_recompile_limit_hit = True
@@ -133,7 +134,6 @@ def load(req: LoadRequest) -> Engine:
 def _first_compile(e: Engine) -> None:
     """Compile the decode step at the load's batch size now, so that a model the compiler cannot
     capture (e.g. a quantized Linear it cannot trace) is an "unsupported: why" record, not a crash."""
-    from .device import is_oom
     tok = torch.zeros(e.model.max_batch, 1, dtype=torch.long, device=torch_device(e.kind))
     try:
         with torch.inference_mode():
@@ -177,6 +177,12 @@ def prefill(e: Engine, ids):
 
 
 @torch.inference_mode()
+def reference(e: Engine) -> Engine | None:
+    """HF eager on the very same weight tensors (kept at load when unquantized), as an eager Engine."""
+    ref = e.extra.get("reference")
+    return None if ref is None else dataclasses.replace(e, name="eager", model=ref)
+
+
 def decode_logits(e: Engine, state: State, token):
     """One decode step through the compiled graph: (next state, logits [batch, vocab])."""
     return State(pos=state.pos + 1), _call(e, "decode", token, _positions(e, state.pos, 1))

@@ -8,17 +8,18 @@ import time
 
 import torch
 
-from .device import synchronize
-from .engine import Engine, LoadRequest, greedy
+from llmbench.core.errors import Unsupported
+from llmbench.engines import Engine, LoadRequest, greedy
+from llmbench.model.models import load_config, load_model, load_tokenizer
+from llmbench.model.quant import methods as quant
+from llmbench.model.quant.methods import streamed_weight_bytes, weight_bytes
+from llmbench.platform.device import synchronize
+from llmbench.platform.device import usable_dtypes
 
 
 def build(req: LoadRequest, name: str, convert=None, quantize=None) -> Engine:
     """Load weights, convert them to the engine's module (sharing tensors), quantize (quant.quantize unless
     the engine brings its own kernels: quantize(model, req) -> (replaced names, kernel description)); no compile."""
-    from .models import load_config, load_model, load_tokenizer
-    from .device import usable_dtypes
-    from . import quant
-    from .quant import Unsupported, streamed_weight_bytes, weight_bytes
     why = usable_dtypes(req.kind)[req.dtype]
     if why:
         raise Unsupported(f"dtype {req.dtype} on {req.kind}: {why}")

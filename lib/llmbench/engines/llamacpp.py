@@ -28,10 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import gguf_export
-from .engine import Engine, LoadRequest
-from .models import check_weights_path, load_config, load_tokenizer
-from .quant import Unsupported
+from llmbench.core.errors import Unsupported
+from llmbench.engines import Engine, LoadRequest
+from llmbench.model import gguf_export
+from llmbench.model.models import check_weights_path, load_config, load_tokenizer
+from llmbench.platform.device import backend
+from llmbench.platform.llamacpp_build import BUILD_INFO
 
 GGML_TYPE = {"F32": 0, "F16": 1, "BF16": 30}  # ggml.h enum ggml_type, for the KV cache
 KV_TYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -73,7 +75,6 @@ def compute_dtype(t: str, dtype: str, kind: str) -> str:
 
 def build_info() -> dict:
     """What make setup built (llamacpp_build writes it), or what the installed package says."""
-    from .llamacpp_build import BUILD_INFO
     import llama_cpp
     info = json.loads(BUILD_INFO.read_text()) if BUILD_INFO.exists() else {}
     if info.get("llama_cpp_python") != llama_cpp.__version__:
@@ -300,6 +301,5 @@ def memory(e: Engine) -> tuple[int, str] | None:
     in use on the device after load is its peak (other processes on the device are counted too)."""
     if e.kind == "cpu":
         return None
-    from .device import backend
     free, total = backend(e.kind).mem_get_info()
     return total - free, f"device memory in use ({e.kind} mem_get_info: llama.cpp's buffers, not torch's allocator)"

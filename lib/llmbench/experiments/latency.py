@@ -6,12 +6,14 @@ interface is called, so every engine is measured by the same code.
 """
 import torch
 
-from . import costmodel as cm
-from . import energy, engine, noise
-from .device import torch_device
-from .measure import time_decode, time_generate, time_prefill, watched
-from .session import add, add_compile_times, config_fields, row
-from .workload import make_batch
+from llmbench import engines as engine
+from llmbench.experiments.session import add, add_compile_times, config_fields, row
+from llmbench.measure.timing import time_decode, time_generate, time_prefill, watched
+from llmbench.model import costmodel as cm
+from llmbench.model.inputs import make_batch
+from llmbench.platform import energy
+from llmbench.platform import noise
+from llmbench.platform.device import torch_device
 
 AGREEMENT_STEPS = 16  # greedy steps an engine is compared with transformers eager on the same weights
 
@@ -90,11 +92,9 @@ def agreement(ctx, e, prompt_len, new_tokens, seed):
     max relative logit error of the compiled decode graph itself, fed eager's greedy tokens step by step
     (teacher forcing, so every step compares the same inputs); and, where the tokens diverge, how close
     eager's top two logits were there: a flip at a gap below the logit error is a rounding-size tie."""
-    import dataclasses
-    ref = e.extra.get("reference")
-    if ref is None:
+    eager = engine.reference(e)
+    if eager is None:
         return
-    eager = dataclasses.replace(e, name="eager", model=ref)
     ids, src = ids_for(ctx, e, 1, prompt_len, seed)
     a, b = engine.generate(eager, ids, new_tokens).cpu(), engine.generate(e, ids, new_tokens).cpu()
     la = engine.logits(eager, a.to(ids.device))[0, prompt_len:-1]  # eager's logits after each fed token
@@ -121,11 +121,10 @@ def agreement(ctx, e, prompt_len, new_tokens, seed):
 
 def _graph_logits(e, seq, prompt_len: int):
     """The compiled decode graph's logits [steps, vocab] after each of seq's tokens from prompt_len on."""
-    from . import engine_compiled as C
-    state, _ = C.prefill(e, seq[:, :prompt_len])
+    state, _ = engine.prefill(e, seq[:, :prompt_len])
     out = []
     for t in range(prompt_len, seq.shape[1] - 1):
-        state, lg = C.decode_logits(e, state, seq[:, t:t + 1])
+        state, lg = engine.decode_logits(e, state, seq[:, t:t + 1])
         out.append(lg[0].float().cpu())
     return torch.stack(out)
 

@@ -6,13 +6,14 @@ is either rejected up front with its name, or valid everywhere. Nothing here eva
 import re
 from functools import lru_cache
 
-from . import paths
-from .device import DEVICES, DTYPES
-from .engine import ENGINES
-from .errors import UserError
-from .models import check_weights_path, model_names
-from .quant import METHODS
-from .workload import TOKENS
+from llmbench.core import paths
+from llmbench.core.errors import UserError
+from llmbench.engines import ENGINES
+from llmbench.model.inputs import TOKENS
+from llmbench.model.models import check_weights_path, model_names
+from llmbench.model.quant.methods import METHODS
+from llmbench.platform.device import DEVICES, DTYPES
+from llmbench.platform.device import fastest_dtype, pick_device
 
 # Set by the runner for each grid point; a grid file may not set them.
 RESERVED = ("out_dir", "grid_dir")
@@ -86,7 +87,6 @@ def validate(notebook: str, scope: dict) -> dict:
     """The validation cell: check every declared parameter found in scope; resolve the device and the
     dtype "auto" (the device's fastest usable 16-bit type, else fp32). A dtype this device cannot run
     well is not an error here: the engine load records it as "unsupported: why"."""
-    from .device import fastest_dtype, pick_device
     params = {name: scope[name] for name in declared(notebook) if name in scope}
     for name, value in params.items():
         check_value(notebook, name, value)

@@ -5,12 +5,14 @@ inputs; a graph engine's unquantized model is also checked against transformers 
 tokens). Each method then starts from freshly loaded weights (same seed or files), so methods never
 stack. An unsupported method is a recorded result with its reason.
 """
-from . import latency
-from .device import empty_cache, torch_device
-from .fidelity import compare_logits, perplexity
-from .session import add, config_fields, load, row
-from .stats import ratio_of_medians, regroup
-from .workload import make_batch
+from llmbench import engines as engine
+from llmbench.core.stats import ratio_of_medians, regroup
+from llmbench.experiments import batch_sweep
+from llmbench.experiments import latency
+from llmbench.experiments.session import add, config_fields, load, row
+from llmbench.measure.fidelity import compare_logits, perplexity
+from llmbench.model.inputs import make_batch
+from llmbench.platform.device import empty_cache, torch_device
 
 SYNTHETIC_NOTE = ("synthetic weights: random weights have no outlier channels, so this is not the fidelity "
                   "of the real model")
@@ -18,7 +20,6 @@ SYNTHETIC_NOTE = ("synthetic weights: random weights have no outlier channels, s
 
 def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batch, fidelity_len,
         warmup, repeats, seed):
-    from . import batch_sweep, engine
     ref, base = None, {}
     # One cache fits every measurement of this notebook: the batch run, the timed prompt and the
     # fidelity inputs (llama.cpp's context cannot grow after load).

@@ -5,11 +5,16 @@ Records are saved after every step (atomically), so a run that dies later keeps 
 import time
 from pathlib import Path
 
-from . import ceilings, energy, paths
-from .config import CONFIG_KEYS
-from .costmodel import efficiency
-from .device import describe
-from .records import record, write_json, write_records
+from llmbench import engines as engine
+from llmbench.core import paths
+from llmbench.core.errors import Unsupported
+from llmbench.core.files import write_json
+from llmbench.core.keys import CONFIG_KEYS
+from llmbench.measure import ceilings
+from llmbench.measure.records import record, write_records
+from llmbench.model.costmodel import efficiency
+from llmbench.platform import energy
+from llmbench.platform.device import describe
 
 
 def out_dir(params: dict, notebook: str) -> Path:
@@ -71,8 +76,6 @@ def load(ctx: dict, method: str | None = None, max_batch: int = 1, max_seq: int 
     """The engine of this run's parameters, loaded (and quantized, compiled) and its load recorded;
     None when the method or engine cannot run here (recorded as "unsupported: why").
     max_batch and max_seq size a static engine's KV cache."""
-    from . import engine
-    from .quant import Unsupported
     p = ctx["params"]
     method = method or p.get("quant", "none")
     req = engine.LoadRequest(engine=p.get("engine", "eager"), model=p["model"], weights=p["weights"],

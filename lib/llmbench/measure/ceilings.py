@@ -11,9 +11,15 @@ import pandas as pd
 import torch
 import yaml
 
-from . import paths
-from .device import DTYPES, timed, torch_device
-from .records import read_json, record
+from llmbench.core import paths
+from llmbench.core.errors import Unsupported
+from llmbench.core.files import read_json
+from llmbench.measure.records import record
+from llmbench.model.quant import cpu_gemv
+from llmbench.model.quant import npu as quant_npu
+from llmbench.platform.device import DTYPES, timed, torch_device
+from llmbench.platform.device import backend, cpu_model
+from llmbench.platform import npu_chips
 
 
 def _repeat(fn, kind, warmup, repeats):
@@ -32,8 +38,6 @@ def measure_bandwidth(kind: str, nbytes: int, repeats: int = 5) -> list[dict]:
     y = torch.empty_like(x)
     probes = {"torch sum": lambda: x.sum()}
     if kind == "cpu":
-        from . import cpu_gemv
-        from .quant import Unsupported
         try:
             cpu_gemv.library()
             for n in cpu_gemv.READ_STREAMS:
@@ -91,9 +95,8 @@ def measure_int8_matmul(kind: str, shape: tuple[int, int, int], repeats: int = 5
 def _npu_int8(m: int, k: int, n: int):
     """(fn, note) timing what w8a8 runs on npu: npu_dynamic_quant of bf16 activations, then npu_quant_matmul
     with fp32 per-channel and per-token scales and bf16 output; or (None, why) on a chip without them."""
-    from . import quant_npu
-    chip = quant_npu.chip_name()
-    ok, why = quant_npu.chip_supports(chip, "w8a8")
+    chip = npu_chips.chip_name()
+    ok, why = npu_chips.chip_supports(chip, "w8a8")
     if not ok:
         return None, why
     if max(k, n) > quant_npu.MAX_KN:
@@ -152,7 +155,6 @@ IN_RUN = "quick-in-run"
 def this_device(kind: str) -> tuple[str, str]:
     """(host, device name) of the device this process measures on: the key of its ceilings.
     Called in the process that runs the measurement (the kernel), never in a scheduler's parent."""
-    from .device import backend, cpu_model
     return platform.node(), cpu_model() if kind == "cpu" else backend(kind).get_device_name(0)
 
 

@@ -3,16 +3,12 @@
 Rows keep their raw samples, so the report can bootstrap ratios between runs. Every write goes
 to a temporary name in the same directory and is renamed into place: a reader never sees half a file.
 """
-import json
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from . import paths
-from .stats import block_lengths, flatten, summarize
+from llmbench.core.files import atomic_write, read_json
+from llmbench.core.stats import block_lengths, flatten, summarize
 
 # Column -> meaning. Units are in the metric name (…_s, …_bytes, …_per_s) and repeated in `unit`.
 COLUMNS = {
@@ -58,56 +54,9 @@ def record(samples=None, **fields) -> dict:
     return row
 
 
-def atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_records(rows: list[dict], path) -> None:
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
-
-
-def write_json(obj, path) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-    atomic_write(path, write)
-
-
-def read_json(path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def git_commit() -> str:
-    """HEAD of the project checkout, with '+dirty' when files differ from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=paths.ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (head or "unknown") + ("+dirty" if dirty else "")
-
-
-def package_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for name in ("torch", "torch_npu", "transformers", "torchao", "papermill", "pandas", "numpy", "scipy"):
-        try:
-            out[name] = version(name.replace("_", "-"))
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def ok_runs(results_dir) -> list[Path]:

@@ -9,8 +9,9 @@ Every shape that is timed is also run untimed first: accelerators and compiled e
 shape on first use (that time is the engine's compile time, never part of a sample). A compilation
 during the timed calls is counted and returned, so the caller can refuse the samples.
 """
-from . import engine
-from .device import peak_memory, reset_peak_memory, timed
+from llmbench import engines as engine
+from llmbench.platform import noise
+from llmbench.platform.device import peak_memory, reset_peak_memory, timed
 
 
 def compiles_so_far(e) -> int:
@@ -61,7 +62,6 @@ def time_generate(e, ids, new_tokens: int, kind: str, warmup: int = 1, repeats: 
 def watched(fn, e, kind: str):
     """fn() as one watched measurement: redone while other processes disturb its window (noise.measure),
     inside a peak-memory window. (result, peak bytes, what the peak measures, noise.Conditions)."""
-    from . import noise
     (out, peak, label), cond = noise.measure(lambda: with_peak_memory(fn, kind, e), kind)
     return out, peak, label, cond
 

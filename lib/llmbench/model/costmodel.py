@@ -11,7 +11,7 @@ A lower bound is max(FLOPs / peak FLOP/s, bytes / bandwidth): no implementation 
 """
 import math
 
-from .models import count_params, head_dim, kv_bytes_per_token, layer_linear_params
+from llmbench.model.models import count_params, head_dim, kv_bytes_per_token, layer_linear_params
 
 
 def attention_flops_per_pair(cfg) -> int:

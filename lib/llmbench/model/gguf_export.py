@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import paths
-from .models import head_dim, load_model
+from llmbench.core import paths
+from llmbench.model import models
+from llmbench.model.models import head_dim, load_model
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # gguf.LlamaFileType
@@ -45,7 +46,6 @@ def weights_key(weights: str, seed: int) -> str:
     """Synthetic weights are named by their seed and generator; real ones by path, size and mtime of every safetensors file."""
     if weights == "synthetic":  # keyed by the generator's code too: a changed generator never reuses a stale file
         import inspect
-        from . import models
         code = inspect.getsource(models.synthetic_model) + inspect.getsource(models._fill_synthetic)
         return f"synthetic-seed{seed}-{hashlib.sha256(code.encode()).hexdigest()[:8]}"
     p = Path(weights).expanduser()

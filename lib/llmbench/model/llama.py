@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmbench.model.models import head_dim
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -177,7 +179,6 @@ class Llama(nn.Module):
 
 def from_hf(hf_model) -> Llama:
     """A Llama that shares the HF model's parameter tensors (no copy); tied head stays tied."""
-    from .models import head_dim
     cfg = hf_model.config
     with torch.device("meta"):
         m = Llama(cfg, head_dim(cfg))

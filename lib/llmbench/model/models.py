@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 
-from . import paths
-from .device import DTYPE_BYTES, DTYPES, torch_device
-from .errors import UserError, check_choice
+from llmbench.core import paths
+from llmbench.core.errors import UserError, check_choice
+from llmbench.model.inputs import TOKENS
+from llmbench.model.tokenizers import load
+from llmbench.platform.device import DTYPE_BYTES, DTYPES, torch_device
+from llmbench.platform.device import synchronize
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -160,7 +163,6 @@ def load_tokenizer(weights: str, tokens: str = "corpus"):
     tokens="random": None. tokens="corpus": the tokenizer shipped next to real weights; else (synthetic
     weights, or real ones without a tokenizer) Llama 3's, the one Llama 3.2 uses, from the installed
     llama-models package (tokenizers.py). workload.make_batch records which one in `tokens`."""
-    from .workload import TOKENS
     check_choice("tokens", tokens, TOKENS)
     if tokens == "random":
         return None
@@ -171,7 +173,6 @@ def load_tokenizer(weights: str, tokens: str = "corpus"):
                                                  local_files_only=True)
         except (OSError, ValueError):
             pass  # no tokenizer files next to these weights: Llama 3's, named in the records
-    from .tokenizers import load
     return load("llama3")
 
 
@@ -183,7 +184,6 @@ def load_model(name: str, weights: str = "synthetic", dtype: str = "fp32", devic
         model = synthetic_model(name, dtype, device, seed)
     else:
         model = pretrained_model(name, weights, dtype, device)
-    from .device import synchronize
     synchronize(device)
     return model, {"weights": "synthetic" if weights == "synthetic" else "real", "weights_source": weights,
                    "seed": seed if weights == "synthetic" else None, "load_s": time.perf_counter() - t0}

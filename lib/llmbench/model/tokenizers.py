@@ -18,7 +18,7 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import UserError
+from llmbench.core.errors import UserError
 
 
 @dataclass(frozen=True)

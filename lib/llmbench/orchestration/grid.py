@@ -25,9 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import RUN_ID_KEYS
-from .errors import UserError
-from .params import RESERVED, check_value, declared
+from llmbench.core.keys import RUN_ID_KEYS
+from llmbench.core.errors import UserError
+from llmbench.experiments.params import RESERVED, check_value, declared
 
 TOP_KEYS = {"name", "description", "timeout_s", "cell_timeout_s", "params", "notebooks"}
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -23,9 +23,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runner
-from .errors import UserError
-from .records import read_json, write_json
+from llmbench.orchestration import layout, local
+from llmbench.orchestration.point import _run_one
+from llmbench.core.errors import UserError
+from llmbench.core.files import read_json, write_json
 
 PROBE_TIMEOUT_S = 60      # a node that does not say its hostname within this is not used
 REFRESH_S = 10            # how often the driver looks for nodes that joined or died
@@ -142,10 +143,10 @@ def unpack(files: dict[str, bytes], folder: Path) -> None:
 
 
 def land(files: dict[str, bytes], gdir: Path, run_id: str) -> dict:
-    """Write a returned run folder under .tmp/ and rename it into place (runner.finalize)."""
+    """Write a returned run folder under .tmp/ and rename it into place (layout.finalize)."""
     tmp = gdir / ".tmp" / f"{os.getpid()}-{time.time_ns()}" / run_id
     unpack(files, tmp)
-    runner.finalize(tmp, gdir / run_id)
+    layout.finalize(tmp, gdir / run_id)
     return read_json(gdir / run_id / "run.json")
 
 
@@ -154,7 +155,7 @@ def device_runs(gdir: Path, host: str) -> dict[str, dict[str, bytes]]:
     out = {}
     for rj in sorted(gdir.glob("*/run.json")):
         info = read_json(rj)
-        if info.get("notebook") == runner.DEVICE_NOTEBOOK and info.get("status") == "ok" \
+        if info.get("notebook") == layout.DEVICE_NOTEBOOK and info.get("status") == "ok" \
                 and (info.get("device") or {}).get("host") == host and (rj.parent / "records.parquet").is_file():
             out[rj.parent.name] = {"run.json": rj.read_bytes(),
                                    "records.parquet": (rj.parent / "records.parquet").read_bytes()}
@@ -179,7 +180,7 @@ def run_point_task(point: dict, grid: dict, kind: str, device_files: dict) -> di
             gdir = Path(work) / grid["name"]
             for name, files in device_files.items():
                 unpack(files, gdir / name)
-            info = runner._run_one(point, grid, gdir)
+            info = _run_one(point, grid, gdir)
             info["ray"] = placed
             write_json(info, gdir / point["run_id"] / "run.json")
             return pack(gdir / point["run_id"])
@@ -196,12 +197,12 @@ def failure(gdir: Path, grid: dict, point: dict, node: Node, err: Exception, t0:
     info = {"run_id": point["run_id"], "grid": grid["name"], "notebook": point["notebook"],
             "parameters": point["params"], "status": "failed",
             "error": f"{type(err).__name__} on {node.host}: {lines[0][:500]}",
-            "duration_s": round(time.time() - t0, 3), "log_tail": "\n".join(lines[-runner.LOG_TAIL_LINES:]),
+            "duration_s": round(time.time() - t0, 3), "log_tail": "\n".join(lines[-layout.LOG_TAIL_LINES:]),
             "device": {"device": point["params"].get("device", "auto"), "host": node.host},
             "ray": {"node_id": node.node_id, "host": node.host}}
     tmp = gdir / ".tmp" / f"{os.getpid()}-{time.time_ns()}" / point["run_id"]
     write_json(info, tmp / "run.json")
-    runner.finalize(tmp, gdir / point["run_id"])
+    layout.finalize(tmp, gdir / point["run_id"])
     return info
 
 
@@ -229,9 +230,9 @@ class Driver:
         self.ray, self.grid, self.gdir, self.force = ray, grid, gdir, force
         self.task = ray.remote(run_point_task)
         self.nodes = discover(ray, {})
-        self.device_pts = [p for p in grid["points"] if runner.is_device(p)]
-        self.queue = deque(p for p in grid["points"] if not runner.is_device(p)
-                           and (force or runner.point_status(gdir, p)["status"] != "ok"))
+        self.device_pts = [p for p in grid["points"] if layout.is_device(p)]
+        self.queue = deque(p for p in grid["points"] if not layout.is_device(p)
+                           and (force or layout.point_status(gdir, p)["status"] != "ok"))
         check_placeable(list(self.queue) + self.device_pts, self.nodes)
         self.todo_dev = {}          # host -> its 00_device points still to run there
         self.measuring = set()      # hosts whose device run is under way
@@ -242,9 +243,9 @@ class Driver:
         new = 0
         for n in self.nodes.values():
             if n.host not in self.todo_dev:
-                dps = (runner.device_point(p, n.host) for p in self.device_pts)
+                dps = (layout.device_point(p, n.host) for p in self.device_pts)
                 self.todo_dev[n.host] = [dp for dp in dps
-                                         if self.force or runner.point_status(self.gdir, dp)["status"] != "ok"]
+                                         if self.force or layout.point_status(self.gdir, dp)["status"] != "ok"]
                 new += len(self.todo_dev[n.host])
         return new
 
@@ -284,10 +285,10 @@ class Driver:
                 info = land(self.ray.get(ref), self.gdir, p["run_id"])
             except self.ray.exceptions.RayError as e:  # worker or node died, process killed
                 info = failure(self.gdir, self.grid, p, n, e, t0)
-            if runner.is_device(p):
+            if layout.is_device(p):
                 self.measuring.discard(n.host)
             bar.update(1)
-            runner.report_line(bar, info, p["run_id"], f"  @{n.host}")
+            local.report_line(bar, info, p["run_id"], f"  @{n.host}")
 
     def run(self) -> None:
         total = self.add_hosts() + len(self.queue)
@@ -298,7 +299,7 @@ class Driver:
         print(f"grid {self.grid['name']}: {len(pts)} points, {done} already done, running {total} on "
               f"{len(self.nodes)} Ray node(s) [{nodes}] -> {self.gdir}", flush=True)
         refreshed = time.time()
-        with runner.progress(total) as bar:
+        with local.progress(total) as bar:
             while self.left() or self.inflight:
                 self.place()
                 if not self.inflight:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, check_choice
+from llmbench.core import paths
+from llmbench.core.errors import UserError, check_choice
+from llmbench.platform.npu_chips import chip_supports
 
 DEVICES = ("auto", "npu", "cuda", "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -94,7 +96,6 @@ def cpu_matmul_rates() -> dict[str, float]:
     version (cached under data/cache/): whether bf16/fp16 are fast depends on the CPU (AMX, AVX512-BF16)
     and the torch build, so it is measured, never assumed."""
     import json
-    from . import paths
     key = re.sub(r"[^\w.-]+", "_", f"{cpu_model()}-{torch.get_num_threads()}t-torch{torch.__version__}")
     cache = paths.DATA / "cache" / f"cpu-matmul-{key}.json"
     if cache.is_file():
@@ -299,7 +300,6 @@ def describe(kind: str) -> dict:
 def _describe_npu(chip: str) -> dict:
     """torch_npu and CANN versions (CANN pairs with torch_npu), and the settings that decide whether eager
     decode is launch-bound: TASK_QUEUE_ENABLE (asynchronous dispatch) and the graph backend this chip has."""
-    from .quant_npu import chip_supports
     torch_npu, _ = import_torch_npu()
     files = _ascend_versions()
     try:

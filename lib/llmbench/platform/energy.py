@@ -28,6 +28,9 @@ from typing import Callable
 
 import numpy as np
 
+from llmbench.core.errors import UserError
+from llmbench.platform.device import synchronize
+
 # Seconds between meter readings. NVML and RAPL reads cost microseconds; one npu-smi call is a process.
 INTERVAL_S = {"cuda": 0.1, "npu": 0.5, "cpu": 0.1}
 NPU_SMI_FIELDS = ("Power Dissipation(W)", "NPU Real-time Power(W)")
@@ -129,7 +132,6 @@ def npu_id() -> str:
     """The NPU ID npu-smi knows the card by: LLMBENCH_NPU_SMI_ID, else the first visible device, else 0."""
     nid = os.environ.get("LLMBENCH_NPU_SMI_ID") or (os.environ.get("ASCEND_RT_VISIBLE_DEVICES") or "0").split(",")[0]
     if not nid.strip().isdigit():
-        from .errors import UserError
         raise UserError(f"NPU id {nid!r} (LLMBENCH_NPU_SMI_ID or ASCEND_RT_VISIBLE_DEVICES) is not a number; "
                         "valid: an NPU ID as `npu-smi info -l` lists it")
     return nid.strip()
@@ -283,7 +285,6 @@ def measure(kind: str, fn, min_seconds: float = 5.0, sync=None, source: Source |
     device's synchronize), so that a call's energy is billed to it.
     """
     if sync is None:
-        from .device import synchronize
         sync = lambda: synchronize(kind)  # noqa: E731
     try:
         src = source or open_source(kind, interval_s)

@@ -3,11 +3,12 @@ renders it to one self-contained HTML file with the code hidden and nothing load
 import os
 from pathlib import Path
 
-from . import paths
-from .errors import UserError
-from .records import atomic_write
+from llmbench.core import paths
+from llmbench.core.errors import UserError
+from llmbench.core.files import atomic_write
+from llmbench.platform.nbexec import KERNEL, check_kernel
 
-TEMPLATES = Path(__file__).parent / "report_template"
+TEMPLATES = Path(__file__).parent / "template"
 
 
 def to_html(notebook_path: Path, html_path: Path) -> None:
@@ -23,7 +24,6 @@ def to_html(notebook_path: Path, html_path: Path) -> None:
 def build(results_dir, figures_dir="figures", html_path="report/index.html") -> Path:
     import papermill
 
-    from .runner import KERNEL, check_kernel
     results = Path(results_dir).resolve()
     if not results.is_dir():
         raise UserError(f"results folder {str(results_dir)!r} does not exist; run a grid first "

@@ -7,22 +7,23 @@ figures), each with its source. Everything else is read from the records.
 import numpy as np
 import pandas as pd
 
-from . import costmodel as cm
-from . import report as R
-from .models import load_config
+from llmbench.model import costmodel as cm
+from llmbench.model.models import load_config
+from llmbench.results import fmt
+from llmbench.results import frame
 
 CONTEXTS = (2048, 8192, 32768, 131072)  # tokens per sequence for the memory table (131072: the models' maximum)
 
 
 def _batch1(df, metric):
-    d = R.ok(df, metric=metric, batch=1)
+    d = frame.ok(df, metric=metric, batch=1)
     return d[d.notebook.isin(["01_latency", "03_quantization"])] if "notebook" in d else d
 
 
 def candidates(df) -> pd.DataFrame:
     """One row per configuration (model, engine, dtype, quant, ...): batch-1 TTFT at its longest measured
     prompt, TPOT at its shortest context, and from the batch sweep the decode rate per batch."""
-    keys = R.config_keys(df, drop=("weights_source", "tokens"))
+    keys = frame.config_keys(df, drop=("weights_source", "tokens"))
     tt, tp = _batch1(df, "ttft"), _batch1(df, "tpot")
     rows = []
     for k, g in tp.groupby(keys, dropna=False) if len(tp) else []:
@@ -42,7 +43,7 @@ def candidates(df) -> pd.DataFrame:
 def _best_batch(df, cfg: dict, tpot_limit: float):
     """Largest swept batch whose per-step time (batch / decode tokens/s) meets the TPOT limit, with its
     decode tokens/s and peak memory. Without a timed decode split, batch 1 only (its TPOT is measured)."""
-    d = R.ok(df, notebook="02_batch_sweep")
+    d = frame.ok(df, notebook="02_batch_sweep")
     for key, v in cfg.items():
         if key in d:
             d = d[d[key] == v]
@@ -64,20 +65,20 @@ def choose(df, targets: list[dict]) -> pd.DataFrame:
     c = candidates(df)
     if c.empty:
         return c
-    peak = R.ok(df, metric="peak_memory", batch=1)
+    peak = frame.ok(df, metric="peak_memory", batch=1)
     rows = []
     for t in targets:
         for r in c.to_dict("records"):
-            cfg = {k: r[k] for k in R.config_keys(c)}
+            cfg = {k: r[k] for k in frame.config_keys(c)}
             meets_tpot = r["tpot_s"] <= t["tpot_s"]
             meets_ttft = t.get("ttft_s") is None or (np.isfinite(r["ttft_s"]) and r["ttft_s"] <= t["ttft_s"])
             row = {"target": t["name"],
-                   "limits": f"TTFT ≤ {R.fmt_time(t['ttft_s'])}, " if t.get("ttft_s") else "",
+                   "limits": f"TTFT ≤ {fmt.fmt_time(t['ttft_s'])}, " if t.get("ttft_s") else "",
                    **{k: cfg[k] for k in ("model", "engine", "dtype", "quant") if k in cfg},
-                   f"TTFT": f"{R.fmt_time(r['ttft_s'])} ({r['prompt']} tok)" if r["prompt"] else "not measured",
-                   "TPOT (batch 1)": R.fmt_time(r["tpot_s"]),
+                   f"TTFT": f"{fmt.fmt_time(r['ttft_s'])} ({r['prompt']} tok)" if r["prompt"] else "not measured",
+                   "TPOT (batch 1)": fmt.fmt_time(r["tpot_s"]),
                    "meets": "yes" if meets_tpot and meets_ttft else "no"}
-            row["limits"] += f"TPOT ≤ {R.fmt_time(t['tpot_s'])}"
+            row["limits"] += f"TPOT ≤ {fmt.fmt_time(t['tpot_s'])}"
             if meets_tpot and meets_ttft:
                 b = _best_batch(df, cfg, t["tpot_s"])
                 pm = peak
@@ -85,11 +86,11 @@ def choose(df, targets: list[dict]) -> pd.DataFrame:
                     pm = pm[pm[key] == v] if key in pm else pm
                 if b:
                     row.update({"largest batch within TPOT": b["batch"], "decode tokens/s": f"{b['decode_tps']:.3g}",
-                                "peak memory": R.fmt_gb(b["peak"])})
+                                "peak memory": fmt.fmt_gb(b["peak"])})
                 else:
                     row.update({"largest batch within TPOT": "1 (no timed batch sweep)",
                                 "decode tokens/s": f"{1 / r['tpot_s']:.3g}",
-                                "peak memory": R.fmt_gb(pm["median"].max()) if len(pm) else ""})
+                                "peak memory": fmt.fmt_gb(pm["median"].max()) if len(pm) else ""})
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -111,7 +112,7 @@ def choose_text(df, targets: list[dict]) -> str:
                 return 0.0
         best = yes.loc[yes["decode tokens/s"].map(tps).idxmax()]
         who = " ".join(str(best[k]) for k in ("model", "engine", "dtype", "quant") if k in best)
-        large = [m for m in yes.model.unique() if R.role(m, R.pair(df)) == "large"]
+        large = [m for m in yes.model.unique() if frame.role(m, frame.pair(df)) == "large"]
         out.append(f"- **{name}** ({g.limits.iat[0]}): {len(yes)} of {len(g)} configurations meet it; highest "
                    f"decode throughput: {who} at batch {best['largest batch within TPOT']}, {best['decode tokens/s']} "
                    f"tokens/s, peak memory {best['peak memory']}."
@@ -128,7 +129,7 @@ def memory_classes(models, classes_gb) -> pd.DataFrame:
         kv = cm.kv_cache_bytes(cfg, 1, 1, "bf16")
         for prec, nbytes in (("16-bit", 2), ("int8 weights", 1)):
             wb = cm.dense_weight_bytes(cfg, nbytes)
-            row = {"model": m, "weights": prec, "weight bytes": R.fmt_gb(wb), "KV per token (16-bit)": f"{kv / 1e3:.1f} kB"}
+            row = {"model": m, "weights": prec, "weight bytes": fmt.fmt_gb(wb), "KV per token (16-bit)": f"{kv / 1e3:.1f} kB"}
             for gb in classes_gb:
                 free = gb * 1e9 - wb
                 tokens = free / kv if free > 0 else 0

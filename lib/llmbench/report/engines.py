@@ -7,8 +7,10 @@ Records carry `engine` (eager | compiled | llamacpp). Compile time is experiment
 import numpy as np
 import pandas as pd
 
-from . import report as R
-from .stats import ratio_of_medians
+from llmbench.core.stats import ratio_of_medians
+from llmbench.results import fmt
+from llmbench.results import frame
+from llmbench.results import ratios
 
 RECOMPILED = "compilation(s) during the timed calls"  # latency.recompile_status
 LAUNCH_MBU = 0.30  # eager decode on an accelerator below this share of bandwidth: host/launch-bound
@@ -29,7 +31,7 @@ def engine_table(df) -> pd.DataFrame:
     """Per model, dtype, quant and engine: batch-1 TPOT and its MBU, TTFT, decode tokens/s per batch,
     compile time and recompilations."""
     keys = [k for k in ("model", "dtype", "quant", "engine", "device") if k in df]
-    tp = R.ok(df, metric="tpot", batch=1)
+    tp = frame.ok(df, metric="tpot", batch=1)
     if tp.empty:
         return pd.DataFrame()
     rows = []
@@ -37,25 +39,25 @@ def engine_table(df) -> pd.DataFrame:
         cfg = dict(zip(keys, k))
         r = g.loc[g.context_len.idxmin()]
         row = {**{c: cfg[c] for c in keys if c != "device"},
-               "TPOT": R.fmt_ci(r["median"], r.ci_low, r.ci_high, R.fmt_time) + f" (context {int(r.context_len)})",
-               "decode MBU": f"{r.mbu:.0%}" if R.is_finite(r.mbu) else ""}
-        tt = _sel(R.ok(df, metric="ttft", batch=1), cfg)
+               "TPOT": fmt.fmt_ci(r["median"], r.ci_low, r.ci_high, fmt.fmt_time) + f" (context {int(r.context_len)})",
+               "decode MBU": f"{r.mbu:.0%}" if fmt.is_finite(r.mbu) else ""}
+        tt = _sel(frame.ok(df, metric="ttft", batch=1), cfg)
         if len(tt):
             f = tt.loc[tt.prompt_len.idxmax()]
-            row["TTFT"] = R.fmt_ci(f["median"], f.ci_low, f.ci_high, R.fmt_time) + f" ({int(f.prompt_len)} tok)"
-        sweep = _sel(R.ok(df, notebook="02_batch_sweep"), cfg) if "notebook" in df else df.iloc[0:0]
+            row["TTFT"] = fmt.fmt_ci(f["median"], f.ci_low, f.ci_high, fmt.fmt_time) + f" ({int(f.prompt_len)} tok)"
+        sweep = _sel(frame.ok(df, notebook="02_batch_sweep"), cfg) if "notebook" in df else df.iloc[0:0]
         metric = "decode_tokens_per_s" if (sweep.metric == "decode_tokens_per_s").any() else "tokens_per_s"
         per_b = sweep[sweep.metric == metric].sort_values("batch")
         if len(per_b):
             row[f"{metric.replace('_per_s', '/s').replace('_', ' ')} by batch"] = ", ".join(
                 f"{int(b)}: {m:.3g}" for b, m in zip(per_b.batch, per_b["median"]))
-        ct = _sel(R.ok(df, metric="compile_time"), cfg)
-        row["compile time"] = (f"{R.fmt_time(ct['median'].sum())} ({len(ct)} shapes)" if len(ct) else
+        ct = _sel(frame.ok(df, metric="compile_time"), cfg)
+        row["compile time"] = (f"{fmt.fmt_time(ct['median'].sum())} ({len(ct)} shapes)" if len(ct) else
                                "none" if cfg.get("engine") == "eager" else "")
         # a compilation inside timed calls makes the record an error (its samples timed a compiler): count them
         rc = _sel(df[df.status.fillna("").str.contains(RECOMPILED, regex=False)], cfg)
         row["records that compiled while timed"] = len(rc) if cfg.get("engine") != "eager" else ""
-        if cfg.get("engine") == "eager" and cfg.get("device") in ("npu", "cuda") and R.is_finite(r.mbu) \
+        if cfg.get("engine") == "eager" and cfg.get("device") in ("npu", "cuda") and fmt.is_finite(r.mbu) \
                 and r.mbu < LAUNCH_MBU:
             row["note"] = f"launch-bound: decode reaches {r.mbu:.0%} of bandwidth (< {LAUNCH_MBU:.0%}); host dispatch dominates"
         rows.append(row)
@@ -64,8 +66,8 @@ def engine_table(df) -> pd.DataFrame:
 
 def ratio_by_engine(df) -> pd.DataFrame:
     """The 3B/1B decode ratio per engine with its CI, next to the weight-bytes ratio."""
-    t = R.ratio_table(df)
-    p = R.pair(df)
+    t = ratios.ratio_table(df)
+    p = frame.pair(df)
     if t.empty or not p:
         return pd.DataFrame()
     t = t[t.metric == "TPOT"]
@@ -73,8 +75,8 @@ def ratio_by_engine(df) -> pd.DataFrame:
     for k, g in t.groupby([c for c in ("engine", "dtype", "quant") if c in t], dropna=False):
         r = g.loc[g.tokens.idxmin()]
         rows.append({**dict(zip([c for c in ("engine", "dtype", "quant") if c in t], k)), "context": int(r.tokens),
-                     f"{p[1]}/{p[0]} TPOT": R.fmt_ci(r.ratio, r.ci_low, r.ci_high),
-                     "weight-bytes ratio": f"{R.weight_ratio(*p):.2f}", "bytes-per-step ratio": f"{r['work ratio']:.2f}"})
+                     f"{p[1]}/{p[0]} TPOT": fmt.fmt_ci(r.ratio, r.ci_low, r.ci_high),
+                     "weight-bytes ratio": f"{ratios.weight_ratio(*p):.2f}", "bytes-per-step ratio": f"{r['work ratio']:.2f}"})
     return pd.DataFrame(rows)
 
 
@@ -84,7 +86,7 @@ def peer_ratio(df) -> pd.DataFrame:
     whose unquantized and int8 runs pair the engines at fp32 and int8): above 1, ours is faster. The CI
     covers the records' own repeats, not drift between grid points run minutes apart, so the verdict says
     "within these records" and names the benchmark that alternates the two sides."""
-    tp = R.ok(df, metric="tpot", batch=1)
+    tp = frame.ok(df, metric="tpot", batch=1)
     if "engine" not in tp or "llamacpp" not in set(tp.engine):
         return pd.DataFrame()
     rows = []
@@ -98,22 +100,22 @@ def peer_ratio(df) -> pd.DataFrame:
         if not common:
             continue
         peer, ours = peer[peer.context_len == common[0]], ours[ours.context_len == common[0]]
-        best = min(ours.engine.unique(), key=lambda e: np.median(R.pooled(ours[ours.engine == e])))
+        best = min(ours.engine.unique(), key=lambda e: np.median(frame.pooled(ours[ours.engine == e])))
         o = ours[ours.engine == best]
-        r, lo, hi = ratio_of_medians(R.repeats(o), R.repeats(peer))
+        r, lo, hi = ratio_of_medians(frame.repeats(o), frame.repeats(peer))
         verdict = ("ours faster within these records" if lo > 1 else "llama.cpp faster within these records"
                    if hi < 1 else "no difference beyond the CI") + " (benchmarks/peer.py alternates the two sides)"
         rows.append({**dict(zip(keys, k)), "context": int(common[0]),
-                     "our best path": f"{best}, {R.fmt_time(np.median(R.pooled(o)))}",
-                     "llama.cpp": R.fmt_time(np.median(R.pooled(peer))),
-                     "llama.cpp / ours": R.fmt_ci(r, lo, hi), "verdict": verdict})
+                     "our best path": f"{best}, {fmt.fmt_time(np.median(frame.pooled(o)))}",
+                     "llama.cpp": fmt.fmt_time(np.median(frame.pooled(peer))),
+                     "llama.cpp / ours": fmt.fmt_ci(r, lo, hi), "verdict": verdict})
     return pd.DataFrame(rows)
 
 
 def overhead(df) -> pd.DataFrame:
     """eager/compiled batch-1 TPOT per model and dtype (same context): the share of eager's time that is
     overhead the compiled engine removes."""
-    tp = R.ok(df, metric="tpot", batch=1, quant="none")
+    tp = frame.ok(df, metric="tpot", batch=1, quant="none")
     if "engine" not in tp or not {"eager", "compiled"} <= set(tp.engine):
         return pd.DataFrame()
     rows = []
@@ -123,9 +125,9 @@ def overhead(df) -> pd.DataFrame:
         if not common:
             continue
         e, c = e[e.context_len == common[0]], c[c.context_len == common[0]]
-        r, lo, hi = ratio_of_medians(R.repeats(c), R.repeats(e))
+        r, lo, hi = ratio_of_medians(frame.repeats(c), frame.repeats(e))
         rows.append({"model": model, "dtype": dtype, "context": int(common[0]),
-                     "eager TPOT": R.fmt_time(np.median(R.pooled(e))), "compiled TPOT": R.fmt_time(np.median(R.pooled(c))),
+                     "eager TPOT": fmt.fmt_time(np.median(frame.pooled(e))), "compiled TPOT": fmt.fmt_time(np.median(frame.pooled(c))),
                      "eager/compiled": r, "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(rows)
 
@@ -142,7 +144,7 @@ def overhead_text(df) -> str:
         what = (f"about {share:.0%} of eager's time per token is overhead the compiled engine removes"
                 if r["ci_low"] > 1 else "the compiled engine is not faster beyond the CI" if r["ci_low"] <= 1 <= r["ci_high"]
                 else "the compiled engine is slower")
-        parts.append(f"{r['model']} {r['dtype']}: eager TPOT is {R.fmt_ci(r['eager/compiled'], r['ci_low'], r['ci_high'])} "
+        parts.append(f"{r['model']} {r['dtype']}: eager TPOT is {fmt.fmt_ci(r['eager/compiled'], r['ci_low'], r['ci_high'])} "
                      f"times compiled ({r['eager TPOT']} vs {r['compiled TPOT']} at context {r['context']}): {what}.")
     return " ".join(parts)
 
@@ -150,7 +152,7 @@ def overhead_text(df) -> str:
 def agreement(df) -> pd.DataFrame:
     """Compiled (or llama.cpp) against eager on the same weights and inputs: leading greedy tokens equal and
     the max relative logit error (experiment "agreement")."""
-    d = R.ok(df, experiment="agreement") if "experiment" in df else df.iloc[0:0]
+    d = frame.ok(df, experiment="agreement") if "experiment" in df else df.iloc[0:0]
     if d.empty:
         return pd.DataFrame()
     keys = [k for k in ("model", "dtype", "quant", "engine") if k in d]
@@ -188,11 +190,11 @@ def _divergence(g) -> str:
 
 
 def compile_text(df) -> str:
-    ct = R.ok(df, metric="compile_time")
+    ct = frame.ok(df, metric="compile_time")
     if ct.empty:
         return "No compile-time records (no compiled engine ran)."
     keys = [k for k in ("model", "dtype", "quant", "engine") if k in ct]
     g = ct.groupby(keys)["median"].agg(["sum", "count", "max"])
     return ("Compile (or graph capture) time, paid once per shape and never part of warm-up or timing: "
-            + "; ".join(f"{' '.join(map(str, k))}: {R.fmt_time(v['sum'])} over {int(v['count'])} shapes "
-                        f"(longest {R.fmt_time(v['max'])})" for k, v in g.iterrows()) + ".")
+            + "; ".join(f"{' '.join(map(str, k))}: {fmt.fmt_time(v['sum'])} over {int(v['count'])} shapes "
+                        f"(longest {fmt.fmt_time(v['max'])})" for k, v in g.iterrows()) + ".")

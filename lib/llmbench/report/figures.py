@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from . import report as R  # noqa: E402
+from llmbench.measure.ceilings import from_records
+from llmbench.results import frame
 
 COLORS = {"llama-3.2-1b": "#1b9e77", "llama-3.2-3b": "#d95f02", "tiny-1b": "#7570b3", "tiny-3b": "#e7298a"}
 MARKERS = {"none": "o", "w8a16": "s", "w8a8": "^", "w4a16": "D"}
@@ -90,7 +91,7 @@ def _span(d, col, scale=1e3, unit="ms"):
 
 
 def latency(df, figures_dir):
-    t, p = R.latency_rows(df, "ttft"), R.latency_rows(df, "tpot")
+    t, p = frame.latency_rows(df, "ttft"), frame.latency_rows(df, "tpot")
     if t.empty and p.empty:
         return None
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
@@ -186,7 +187,6 @@ def roofline(df, figures_dir):
     ceil = df[(df.experiment == "ceiling") & (df.status == "ok")]
     if d.empty or ceil.empty:
         return None
-    from .ceilings import from_records
     c = from_records(ceil)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ai = np.logspace(-1, 4, 200)
@@ -236,7 +236,7 @@ def engines(df, figures_dir):
     """Batch-1 TPOT per model and engine, bars side by side (with 95% CIs)."""
     if "engine" not in df:
         return None
-    tp = R.ok(df, metric="tpot", batch=1, quant="none")
+    tp = frame.ok(df, metric="tpot", batch=1, quant="none")
     tp = tp[tp.notebook == "01_latency"] if "notebook" in tp else tp
     if tp.empty or tp.engine.nunique() < 2:
         return None

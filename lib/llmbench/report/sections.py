@@ -3,112 +3,20 @@
 Each function takes the tidy frame of all finished runs (records.read_all) and returns a DataFrame
 or Markdown; with no matching data it says so instead of failing.
 """
-import math
 
 import numpy as np
 import pandas as pd
 
-from . import costmodel as cm
-from .ceilings import load_specs
-from .config import CONFIG_KEYS
-from .models import load_config
-from .records import ok_runs, read_all, read_json
-from .stats import ratio_of_medians
-
-PAIRS = [("llama-3.2-1b", "llama-3.2-3b"), ("tiny-1b", "tiny-3b")]
-REQUEST = (128, 128)  # prompt and new tokens of one "request" in projections (the seed's 128-token input)
-LONG_PROMPT = 1024  # a long-document prompt, for the projected TTFT
-
-
-def load(results_dir) -> tuple[pd.DataFrame, list[dict]]:
-    runs = [read_json(r / "run.json") for r in ok_runs(results_dir)]
-    df = read_all(results_dir)
-    by_id = {r["run_id"]: r["notebook"] for r in runs}
-    df["notebook"] = df["run_id"].map(by_id)
-    if "engine" not in df:  # records from before the engine axis: all ran HF transformers eagerly
-        df["engine"] = None
-    df.loc[df.engine.isna() & df.model.notna(), "engine"] = "eager"
-    return df, runs
-
-
-def config_keys(df: pd.DataFrame, drop=()) -> list[str]:
-    """The configuration keys present in df (config.CONFIG_KEYS), less `drop`: group by these, so a new
-    axis shows as a new row and never collapses into another configuration's."""
-    return [k for k in CONFIG_KEYS if k in df.columns and k not in drop]
-
-
-def pooled(g: pd.DataFrame) -> np.ndarray:
-    """All raw samples of the rows of one configuration and shape (several runs of it are pooled)."""
-    parts = [np.asarray(s, dtype=float) for s in g["samples"] if isinstance(s, (list, tuple, np.ndarray)) and len(s)]
-    return np.concatenate(parts) if parts else np.asarray(g["median"], dtype=float)
-
-
-def repeats(g: pd.DataFrame):
-    """The raw samples of the rows of one configuration and shape as measured: cut into repeats where
-    every row records its `sample_blocks` (several runs' repeats pooled as repeats), else one flat list.
-    Pass these to stats.ratio_of_medians, so a ratio's CI resamples as the records' own CIs did."""
-    from .stats import regroup
-    cut = [regroup(s, b) for s, b in zip(g["samples"], g["sample_blocks"] if "sample_blocks" in g else [None] * len(g))]
-    cut = [c for c in cut if len(c)]
-    if cut and all(isinstance(c[0], list) for c in cut):
-        return [blk for c in cut for blk in c]
-    return pooled(g)
-
-
-def trend(values, lows, highs) -> str:
-    """'rises', 'falls' or 'is flat' from the first to the last point, judged beyond both CIs."""
-    lo0 = lows[0] if np.isfinite(lows[0]) else values[0]
-    hi0 = highs[0] if np.isfinite(highs[0]) else values[0]
-    lo1 = lows[-1] if np.isfinite(lows[-1]) else values[-1]
-    hi1 = highs[-1] if np.isfinite(highs[-1]) else values[-1]
-    return "rises" if lo1 > hi0 else "falls" if hi1 < lo0 else "is flat (within the CIs)"
-
-
-def ok(df: pd.DataFrame, **eq) -> pd.DataFrame:
-    sel = df[df.status == "ok"]
-    for k, v in eq.items():
-        sel = sel[sel[k].isin(v) if isinstance(v, (list, tuple, set)) else sel[k] == v]
-    return sel
-
-
-def pair(df: pd.DataFrame):
-    """(small, large) model names present in the data, e.g. the 1B and the 3B."""
-    present = set(df.model.dropna())
-    return next(((s, l) for s, l in PAIRS if s in present and l in present), None)
-
-
-def role(model: str, p) -> str | None:
-    return None if not p else {p[0]: "small", p[1]: "large"}.get(model)
-
-
-def fmt_time(s: float) -> str:
-    if s is None or not np.isfinite(s):
-        return "n/a"
-    if s >= 120:
-        return f"{s / 60:.1f} min"
-    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
-
-
-def fmt_gb(b: float) -> str:
-    if b is None or not np.isfinite(b):
-        return "n/a"
-    return f"{b / 1e9:.3g} GB" if abs(b) >= 1e8 else f"{b / 1e6:.3g} MB"
-
-
-def fmt_ci(m, lo, hi, fmt=lambda x: f"{x:.3g}") -> str:
-    if lo is None or not (np.isfinite(lo) and np.isfinite(hi)):
-        return fmt(m)
-    return f"{fmt(m)} (95% CI {fmt(lo)}–{fmt(hi)})"
-
-
-def device_kind(df: pd.DataFrame) -> str:
-    kinds = df.device.dropna()
-    return kinds.mode().iat[0] if len(kinds) else "none"
-
-
-def weights_used(df: pd.DataFrame) -> str:
-    w = sorted(set(df.weights.dropna()))
-    return " and ".join(w) if w else "no"
+from llmbench.core.stats import ratio_of_medians
+from llmbench.measure.ceilings import from_records, load_specs
+from llmbench.model import costmodel as cm
+from llmbench.model.inputs import tokens_per_char
+from llmbench.model.models import load_config, load_tokenizer
+from llmbench.results.decode_fit import fits, implied_ratio
+from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_time, is_finite
+from llmbench.results.frame import (LONG_PROMPT, REQUEST, config_keys, device_kind, latency_rows, ok, pair,
+                                    published_ratios, repeats, trend, weights_used)
+from llmbench.results.ratios import ratio_table, weight_ratio
 
 
 # --- provenance ---------------------------------------------------------------------------------------
@@ -182,53 +90,6 @@ def device_fields(runs) -> str:
 
 # --- latency ------------------------------------------------------------------------------------------
 
-def latency_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Batch-1 TTFT or TPOT of unquantized models from the latency notebook."""
-    return ok(df, notebook="01_latency", metric=metric, quant="none", batch=1)
-
-
-def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
-    """large/small ratio of TTFT per prompt length and TPOT per context (`tokens`), with bootstrap CIs, per
-    configuration (every config key but the model): no configuration is dropped. `work ratio` is the
-    larger of the FLOPs and bytes ratios of the two records: with a fixed per-step cost on top of a
-    roofline time, the time ratio lies between 1 and it."""
-    p = pair(df)
-    if not p:
-        return pd.DataFrame()
-    rows = []
-    for metric, x in (("ttft", "prompt_len"), ("tpot", "context_len")):
-        d = latency_rows(df, metric)
-        keys = config_keys(d, drop=("model", "weights_source"))
-        for k, g in d.groupby([*keys, x], dropna=False):
-            s, l = g[g.model == p[0]], g[g.model == p[1]]
-            if len(s) and len(l):
-                r, lo, hi = ratio_of_medians(repeats(s), repeats(l))
-                work = max(l.flops.mean() / s.flops.mean(), l.bytes.mean() / s.bytes.mean()) \
-                    if s.flops.notna().all() and l.flops.notna().all() else float("nan")
-                rows.append({"metric": metric.upper(), **dict(zip(keys, k[:-1])), "tokens": int(k[-1]),
-                             p[0]: fmt_time(np.median(pooled(s))), p[1]: fmt_time(np.median(pooled(l))),
-                             "ratio": r, "ci_low": lo, "ci_high": hi, "work ratio": work})
-    return pd.DataFrame(rows)
-
-
-def physical_ratios(df: pd.DataFrame) -> pd.DataFrame:
-    """Each large/small latency ratio with the range it can physically take: [1, work ratio]."""
-    t = ratio_table(df)
-    if t.empty:
-        return pd.DataFrame(columns=["what", "ratio", "ci_low", "ci_high", "low", "high", "why"])
-    keys = [k for k in ("engine", "dtype", "quant", "device") if k in t]
-    return pd.DataFrame({
-        "what": [f"{r['metric']} {p_[1]}/{p_[0]} at {r['tokens']} tokens, " + " ".join(str(r[k]) for k in keys)
-                 for r in t.to_dict("records") for p_ in [pair(df)]],
-        "ratio": t.ratio, "ci_low": t.ci_low, "ci_high": t.ci_high, "low": 1.0, "high": t["work ratio"],
-        "why": "the larger model does more of every kind of work; with a fixed cost per step the ratio lies "
-               "between 1 and the larger of its FLOPs and bytes ratios"})
-
-
-def weight_ratio(small: str, large: str) -> float:
-    """large/small weight bytes at any one dtype (= parameter ratio): the ratio of memory-bound decode times."""
-    return cm.count_params(load_config(large))["total"] / cm.count_params(load_config(small))["total"]
-
 
 def latency_text(df) -> str:
     p, t = pair(df), ratio_table(df)
@@ -278,23 +139,7 @@ def generate_gap(df) -> pd.DataFrame:
     return out
 
 
-def published() -> dict:
-    import yaml
-    from . import paths
-    return yaml.safe_load((paths.DATA / "published.yaml").read_text())
-
-
-def published_ratios() -> pd.DataFrame:
-    """3B/1B decode ratios computed from published tokens/s pairs (data/published.yaml, with sources)."""
-    rows = [{"setup": p["setup"], "1B tokens/s": p["small"], "3B tokens/s": p["large"],
-             "3B/1B time ratio": p["small"] / p["large"], "source": p["source"]
-             + (f" ({p['unconfirmed']})" if p.get("unconfirmed") else "")} for p in published()["decode_tokens_per_s"]]
-    return pd.DataFrame(rows)
-
-
 def decode_fit_table(df) -> pd.DataFrame:
-    from .ceilings import from_records
-    from .decode_fit import fits, implied_ratio
     bw_meas = from_records(df).get("bandwidth", float("nan"))
     p, t = pair(df), ratio_table(df)
     rows = []
@@ -592,8 +437,6 @@ def projection_text(proj) -> str:
 # --- Chinese tokenization -----------------------------------------------------------------------------
 
 def tokenization(df) -> tuple[str, pd.DataFrame]:
-    from .models import load_tokenizer
-    from .workload import tokens_per_char
     real = sorted(set(df[(df.weights == "real")].weights_source.dropna()))
     for src in real:
         tok = load_tokenizer(src)
@@ -606,14 +449,6 @@ def tokenization(df) -> tuple[str, pd.DataFrame]:
             "downloaded here), so tokens per Chinese character were not measured; inputs were random token "
             "ids of exact lengths. With real weights (`weights=<dir>`), this section reports it from "
             "`data/prompts/zh.jsonl`.", pd.DataFrame())
-
-
-def table_html(t: pd.DataFrame) -> str:
-    return t.to_html(index=False, escape=True, na_rep="", float_format=lambda x: f"{x:.3g}") if len(t) else ""
-
-
-def is_finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 # --- summary and limitations --------------------------------------------------------------------------

@@ -7,7 +7,9 @@ and at the disturbance the noise columns recorded for it, when there are such co
 import numpy as np
 import pandas as pd
 
-from .config import CONFIG_KEYS
+from llmbench.core.keys import CONFIG_KEYS
+from llmbench.results.frame import load
+from llmbench.results.ratios import physical_ratios
 
 CI_SHARE = 0.5       # a 95% CI wider than half its median: the median is not a stable number
 BOUND_SLACK = 0.98   # a median below 98% of its lower bound: faster than the cost model allows
@@ -121,7 +123,6 @@ def check_all(df, ratios: pd.DataFrame | None = None) -> pd.DataFrame:
 
 def status_lines(results_dir) -> list[str]:
     """One line per anomaly in a grid folder's finished runs (for `llmbench status`)."""
-    from .report import load, physical_ratios
     df, _ = load(results_dir)
     if df.empty:
         return []

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .quant import Unsupported
+from llmbench.core.errors import Unsupported
+from llmbench.model.quant.npu import int8_per_channel
+from llmbench.platform.llamacpp_build import cpu_id
 
 SOURCE = Path(__file__).with_suffix(".c")
 MAX_ROWS = 16  # x rows (batch x tokens) up to which a linear is memory bound enough for this kernel
@@ -34,7 +36,6 @@ READ_STREAMS = (1, 4)  # read probes: one stream per thread, or four side by sid
 
 
 def _cpu_id() -> str:
-    from .llamacpp_build import cpu_id
     return cpu_id()
 
 
@@ -226,7 +227,6 @@ class W8A8Linear(torch.nn.Module):
 
     def __init__(self, lin: torch.nn.Linear):
         super().__init__()
-        from .quant_npu import int8_per_channel
         q, scale = int8_per_channel(lin.weight.detach())
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale.float())

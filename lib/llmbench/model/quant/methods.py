@@ -13,7 +13,9 @@ import warnings
 import torch
 from torch import nn
 
-from . import quant_npu
+from llmbench.core.errors import Unsupported
+from llmbench.model.quant import npu as quant_npu
+from llmbench.platform import npu_chips
 
 METHODS = ("none", "w8a16", "w8a8", "w4a16")
 GROUP_SIZE = 128  # int4 group along K, as in gpt-fast and torchao defaults
@@ -36,10 +38,6 @@ KERNELS = {
     ("npu", "w4a16"): "torch_npu.npu_weight_quant_batchmatmul with int4-packed group-wise weights (N split into "
                       "chunks <= 65535, LM head quantized, 2 calls)",
 }
-
-
-class Unsupported(Exception):
-    """This method has no real kernel for this backend and dtype; the message says why."""
 
 
 def replace_linears(model: nn.Module, make) -> list[str]:
@@ -152,7 +150,7 @@ def _quantize_cuda(model, method, dtype):
 def _quantize_npu(model, method, dtype):
     if dtype not in ("fp16", "bf16"):
         raise Unsupported(f"torch_npu quantized matmuls take fp16/bf16 activations, not {dtype}")
-    why = quant_npu.method_refusal(quant_npu.chip_name(), method, dtype)  # gate on the exact chip name
+    why = npu_chips.method_refusal(npu_chips.chip_name(), method, dtype)  # gate on the exact chip name
     if why:
         raise Unsupported(why)
     ks = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
