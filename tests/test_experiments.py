@@ -5,6 +5,7 @@ import torch
 from llmbench.experiments import batch_sweep
 from llmbench.experiments import latency
 from llmbench.experiments import session
+from llmbench.experiments.plans import PLANS, BatchPlan, LatencyPlan
 
 
 def _ctx(tmp_path, **params):
@@ -20,7 +21,8 @@ def test_predicted_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
     # a budget that fits batches 1-2 of tiny-1b (weights + KV + transients) but not 4 and 8
     need = {b: batch_sweep.cm.footprint_bytes(e.cfg, 0, b, 16 + 4, "fp32") for b in (2, 4)}
     limit_gb = (e.weight_bytes + (need[2] + need[4]) / 2) / 1e9
-    batch_sweep.run(ctx, e, 8, 16, 4, 0, 2, 0, memory_limit_gb=limit_gb)
+    batch_sweep.run(ctx, e, BatchPlan(max_batch=8, prompt_len=16, new_tokens=4, warmup=0, repeats=2, seed=0,
+                                      decode_steps=4, memory_limit_gb=limit_gb))
     df = pd.read_parquet(tmp_path / "run" / "records.parquet")
     lat = df[df.metric == "generate_latency"].set_index("batch").status
     assert list(lat.index) == [1, 2, 4, 8]
@@ -41,7 +43,8 @@ def test_real_oom_is_caught_memory_freed_and_recorded(tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(e, ids, *a, **k)
     monkeypatch.setattr(batch_sweep, "time_generate", flaky)
-    batch_sweep.run(ctx, e, 4, 8, 2, 0, 2, 0)
+    batch_sweep.run(ctx, e, BatchPlan(max_batch=4, prompt_len=8, new_tokens=2, warmup=0, repeats=2, seed=0,
+                                      decode_steps=4, memory_limit_gb=0.0))
     df = pd.read_parquet(tmp_path / "run" / "records.parquet")
     lat = df[df.metric == "generate_latency"].set_index("batch").status
     assert lat[1] == "ok" and lat[2] == "oom: out of memory while generating" and lat[4] == "ok"
@@ -51,7 +54,8 @@ def test_latency_records_carry_bounds_and_samples(tmp_path):
     ctx = session.start("01_latency", {"model": "tiny-3b", "weights": "synthetic", "dtype": "fp32", "quant": "none",
                                        "kind": "cpu", "tokens": "random", "seed": 0, "out_dir": str(tmp_path / "lat")})
     e = session.load(ctx, max_seq=32)
-    latency.run(ctx, e, [8], [8], 3, 8, [4], 1, 3, 0)
+    latency.run(ctx, e, LatencyPlan(prompt_lens=(8,), decode_contexts=(8,), decode_steps=3, gen_prompt_len=8,
+                                    gen_new_tokens=(4,), warmup=1, repeats=3, seed=0))
     df = pd.read_parquet(tmp_path / "lat" / "records.parquet")
     tpot = df[df.metric == "tpot"].iloc[0]
     assert tpot.n == 9 and len(tpot.samples) == 9  # 3 repeats x 3 timed steps
@@ -76,3 +80,21 @@ def test_batch_1_of_a_timed_prompt_reuses_its_samples_and_times_only_the_generat
     assert list(df.loc["decode_step_time", "samples"]) == list(df.loc["tpot", "samples"])
     assert list(df.loc["decode_step_time", "sample_blocks"]) == [3, 3]
     assert df.loc["generate_latency", "status"] == "ok" and df.loc["tokens_per_s", "n"] == 2
+
+
+def test_each_plan_field_is_a_declared_parameter_of_its_notebook():
+    from dataclasses import fields
+
+    from llmbench.experiments.params import declared
+    for notebook, plan in PLANS.items():
+        decl = declared(notebook)
+        for f in fields(plan):
+            assert f.name in decl, f"{plan.__name__}.{f.name} is not a parameter of {notebook}"
+            assert f.metadata["help"], f"{plan.__name__}.{f.name} has no help"
+
+
+def test_records_say_which_study_measured_them(tmp_path):
+    ctx = _ctx(tmp_path)
+    assert isinstance(ctx, session.Session) and ctx.base["study"] == "batch_sweep"
+    session.add(ctx, session.row(ctx, experiment="batch", metric="x", unit=""))
+    assert pd.read_parquet(tmp_path / "run" / "records.parquet").study.tolist() == ["batch_sweep"]

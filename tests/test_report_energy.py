@@ -3,6 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from llmbench import claims
 from llmbench.claims import checks as C
 from llmbench.platform import energy
 from llmbench.report import energy as RE
@@ -39,7 +40,7 @@ def frame(ratio_none=2.5, ratio_q=2.0):
     recs.append(record(experiment="energy", metric="idle_power", unit="W", samples=[59.0, 60.0, 61.0],
                        note="NVML total energy counter (fake); ...", device="cuda", device_name="Fake GPU"))
     df = pd.DataFrame(recs)
-    df["notebook"] = np.where(df.metric == "idle_power", "00_device", "02_batch_sweep")
+    df["study"] = np.where(df.metric == "idle_power", "device", "batch_sweep")
     return df
 
 
@@ -65,13 +66,13 @@ def test_unreadable_energy_is_said_from_the_records():
     df = pd.DataFrame([record(**f, device="cpu", device_name="Some CPU", model=m, batch=1)
                        for m in ("llama-3.2-1b", "llama-3.2-3b")
                        for f in energy.rows(energy.EnergyReading(status=status), 0, 64, 1)])
-    df["notebook"] = "02_batch_sweep"
+    df["study"] = "batch_sweep"
     text = RE.text(df)
     assert "not readable** on Some CPU (cpu): " + status in text and "2 energy records say so" in text
     assert RE.table(df).empty and RE.ratio_table(df).empty and RE.figure(df, "unused") is None
     res = energy_claims.energy_per_request({}, {"df": df, "kind": "cpu", "pair": ("llama-3.2-1b", "llama-3.2-3b")})
     assert res["verdict"] == f"not testable: needs a readable energy meter (here: {status})"
-    assert RE.text(pd.DataFrame(columns=[*COLUMNS, "notebook"])).startswith("No energy records")
+    assert RE.text(pd.DataFrame(columns=list(COLUMNS))).startswith("No energy records")
 
 
 def ctx(df, kind="cuda"):
@@ -94,5 +95,5 @@ def test_energy_claims_follow_the_numbers():
 
 
 def test_energy_claims_are_in_the_claims_check():
-    ids = {c["check"] for c in C.load_claims()}
-    assert {"energy_per_request", "tops_per_watt", "quant_energy_gap"} <= ids <= set(C.CHECKS)
+    ids = {c["check"] for c in claims.load_claims()}
+    assert {"energy_per_request", "tops_per_watt", "quant_energy_gap"} <= ids <= set(claims.CHECKS)

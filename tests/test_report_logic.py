@@ -8,6 +8,7 @@ import pytest
 
 from llmbench.results import anomalies as A
 from llmbench.report import choose as CH
+from llmbench import claims
 from llmbench.claims import checks as C
 from llmbench.claims import check_all
 from llmbench.model import costmodel as cm
@@ -34,7 +35,7 @@ def rec(metric, median, model=S, spread=0.01, n=9, **kw):
            "batch": 1, "prompt_len": np.nan, "context_len": np.nan, "new_tokens": np.nan, "metric": metric,
            "unit": "s", "status": "ok", "n": n, "median": float(np.median(samples)), "ci_low": min(samples),
            "ci_high": max(samples), "samples": samples, "flops": np.nan, "bytes": np.nan, "bound_s": np.nan,
-           "mbu": np.nan, "mfu": np.nan, "note": "", "notebook": "01_latency"}
+           "mbu": np.nan, "mfu": np.nan, "note": "", "study": "latency"}
     row.update(kw)
     return row
 
@@ -94,7 +95,7 @@ def test_a_flagged_record_points_at_its_disturbed_window():
 
 def test_ttft_prose_follows_the_numbers():
     d = frame([ttft(m, p, t) for m in (S, L) for p, t in ((16, 0.2), (128, 0.05))] + [tpot(S), tpot(L)])
-    d["notebook"] = "01_latency"
+    d["study"] = "latency"
     text = R.latency_text(d)
     assert "falls from" in text and "grows" not in text
     rising = frame([ttft(m, p, t) for m in (S, L) for p, t in ((16, 0.01), (128, 0.05))] + [tpot(S), tpot(L)])
@@ -201,9 +202,9 @@ def test_memory_ratio_uses_the_measured_peaks():
 
 
 def test_every_claim_in_the_data_has_a_rule():
-    for c in C.load_claims():
+    for c in claims.load_claims():
         assert c.get("rule"), c["id"]
-        assert c["check"] in C.CHECKS
+        assert c["check"] in claims.CHECKS
 
 
 # --- what to choose ---------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def test_llmbench_status_lists_the_anomalies_of_a_grid_folder(tmp_path):
     from llmbench.core.files import write_json
     run = tmp_path / "01_latency-x"
     run.mkdir()
-    d = frame([ttft(S, 16, 0.200), ttft(S, 128, 0.050)]).drop(columns=["notebook"])
+    d = frame([ttft(S, 16, 0.200), ttft(S, 128, 0.050)]).drop(columns=["study"])  # as written before that column
     d.to_parquet(run / "records.parquet", index=False)
     write_json({"run_id": "01_latency-x", "notebook": "01_latency", "status": "ok", "grid": "t"}, run / "run.json")
     lines = A.status_lines(tmp_path)
@@ -250,9 +251,9 @@ def test_llmbench_status_lists_the_anomalies_of_a_grid_folder(tmp_path):
 def test_choose_finds_the_largest_batch_whose_decode_step_meets_the_limit():
     t1 = tpot(S)["median"]  # 42 ms per step at batch 1
     sweep = [rec("decode_tokens_per_s", b / (t1 * f), S, unit="tokens/s", experiment="batch", batch=b,
-                 notebook="02_batch_sweep", spread=0) for b, f in ((1, 1.0), (2, 1.1), (4, 1.5))]
+                 study="batch_sweep", spread=0) for b, f in ((1, 1.0), (2, 1.1), (4, 1.5))]
     sweep += [rec("peak_memory", 3e9 + b * 1e8, S, unit="bytes", experiment="batch", batch=b,
-                  notebook="02_batch_sweep", spread=0) for b in (1, 2, 4)]
+                  study="batch_sweep", spread=0) for b in (1, 2, 4)]
     d = pd.concat([study(), frame(sweep)])
     t = CH.choose(d, [{"name": "limit", "ttft_s": 2.0, "tpot_s": 1.2 * t1}])
     row = t[(t.model == S)].iloc[0]
@@ -267,9 +268,9 @@ def test_a_ratio_resamples_the_repeats_its_records_were_measured_in():
 
 
 def test_the_batch_search_beyond_the_grid_is_reported_as_the_finding():
-    rows = [rec("generate_latency", 0.1, S, experiment="batch", batch=b, notebook="02_batch_sweep") for b in (1, 2)]
+    rows = [rec("generate_latency", 0.1, S, experiment="batch", batch=b, study="batch_sweep") for b in (1, 2)]
     rows.append(rec("largest_batch_predicted", 64, S, unit="sequences", experiment="batch", batch=np.nan,
-                    notebook="02_batch_sweep", spread=0))
+                    study="batch_sweep", spread=0))
     text = R.batch_text(frame(rows))
     assert "predicted to fit the memory is 64" in text and "grid's largest batch" not in text
 

@@ -148,7 +148,7 @@ def _request_bounds(model, spec_key, prompt, new, batch) -> dict:
 def throughput_range(claim, ctx):
     """A claimed rate above the device's upper bound is contradicted without a measurement. The verdict uses
     the reading named in the claim's rule; the other reading is shown beside it."""
-    d = frame.ok(ctx["df"], notebook="02_batch_sweep", metric="requests_per_s")
+    d = frame.ok(ctx["df"], study="batch_sweep", metric="requests_per_s")
     here = ", ".join(f"{m}: {d[d.model == m]['median'].max():.3g} requests/s" for m in MODELS if (d.model == m).any())
     req, reading, spec = claim["request"], claim["reading"], claim.get("spec", "ascend-910a")
     parts, impossible = [], []
@@ -172,7 +172,7 @@ def throughput_range(claim, ctx):
 
 
 def throughput_ratio(claim, ctx):
-    d = frame.ok(ctx["df"], notebook="02_batch_sweep", quant="none")
+    d = frame.ok(ctx["df"], study="batch_sweep", quant="none")
     metric = "decode_tokens_per_s" if (d.metric == "decode_tokens_per_s").any() else "tokens_per_s"
     d = d[d.metric == metric]
     if not _has_pair(ctx) or d.empty:
@@ -198,7 +198,7 @@ def throughput_ratio(claim, ctx):
 def memory_range(claim, ctx):
     rng = claim["range"]
     derived = {m: cm.dense_weight_bytes(load_config(m), 2) for m in MODELS}
-    peak = frame.ok(ctx["df"], notebook="01_latency", metric="peak_memory", quant="none")
+    peak = frame.ok(ctx["df"], study="latency", metric="peak_memory", quant="none")
     here = "; ".join(f"{m} {dt}: peak {fmt.fmt_gb(g['median'].max())}"
                      for (m, dt), g in peak.groupby(["model", "dtype"]) if m in MODELS)
     ok = all(_inside(derived[m], *rng[r]) for m, r in zip(MODELS, ("small", "large")))
@@ -280,7 +280,7 @@ def quant_robustness(claim, ctx):
 
 
 def utilization(claim, ctx):
-    d = frame.ok(ctx["df"], notebook="01_latency", quant="none")
+    d = frame.ok(ctx["df"], study="latency", quant="none")
     mbu = d[d.metric == "tpot"].mbu.max()
     mfu = d[d.metric == "ttft"].mfu.max()
     value = f"best decode MBU {mbu:.1%}, best prefill MFU {mfu:.1%} (against this device's measured ceilings)"

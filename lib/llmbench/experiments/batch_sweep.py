@@ -14,7 +14,8 @@ from llmbench.platform import noise
 from llmbench.platform.device import empty_cache, free_memory, is_oom
 from llmbench.experiments.latency import generate_cost, ids_for, recompile_status
 from llmbench.measure.timing import time_decode, time_generate, time_prefill, watched
-from llmbench.experiments.session import add, add_compile_times, config_fields, row
+from llmbench.experiments.plans import BatchPlan
+from llmbench.experiments.session import Session, add, add_compile_times, config_fields, row
 from llmbench.core.stats import regroup
 
 SEARCH_LIMIT = 4096  # never try batches beyond this when searching for the largest one
@@ -24,10 +25,10 @@ def batches_up_to(max_batch: int) -> list[int]:
     return [2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch]
 
 
-def available_bytes(ctx, e, memory_limit_gb: float) -> float:
+def available_bytes(sess: Session, e, memory_limit_gb: float) -> float:
     if memory_limit_gb > 0:
         return memory_limit_gb * 1e9 - e.weight_bytes
-    return free_memory(ctx["kind"])
+    return free_memory(sess.kind)
 
 
 def predicted_largest_batch(e, tokens: int, available: float) -> int:
@@ -38,15 +39,16 @@ def predicted_largest_batch(e, tokens: int, available: float) -> int:
     return b
 
 
-def run(ctx, e, max_batch, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4):
-    for b in batches_up_to(max_batch):
-        one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb, decode_steps)
-    largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb)
-    return ctx["rows"]
+def run(sess: Session, e, plan: BatchPlan) -> list[dict]:
+    for b in batches_up_to(plan.max_batch):
+        one_batch(sess, e, b, plan.prompt_len, plan.new_tokens, plan.warmup, plan.repeats, plan.seed,
+                  plan.memory_limit_gb, plan.decode_steps)
+    largest(sess, e, plan.max_batch, plan.prompt_len, plan.new_tokens, plan.seed, plan.memory_limit_gb)
+    return sess.rows
 
 
-def _oom_row(ctx, common, status):
-    add(ctx, row(ctx, experiment="batch", metric="generate_latency", unit="s", status=status, **common))
+def _oom_row(sess: Session, common, status):
+    add(sess, row(sess, experiment="batch", metric="generate_latency", unit="s", status=status, **common))
 
 
 def _timed_rows(r: dict) -> tuple:
@@ -54,18 +56,18 @@ def _timed_rows(r: dict) -> tuple:
     return regroup(r["samples"], r.get("sample_blocks")), r["status"], {k: r.get(k) for k in noise.FIELDS}
 
 
-def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4,
+def one_batch(sess: Session, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_limit_gb=0.0, decode_steps=4,
               timed_at_batch_1=None):
     """Batch b: prefill and decode tokens/s, generate latency, tokens/s, requests/s, peak memory; or OOM.
     timed_at_batch_1: (TTFT row, TPOT row) that latency.prefill/decode just measured on this very prompt
     at batch 1 with these steps: their samples serve instead of timing the same calls twice."""
-    kind = ctx["kind"]
-    ids, src = ids_for(ctx, e, b, prompt_len, seed)
+    kind = sess.kind
+    ids, src = ids_for(sess, e, b, prompt_len, seed)
     common = dict(batch=b, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
     need = cm.footprint_bytes(e.cfg, 0, b, prompt_len + new_tokens, e.dtype)
-    avail = available_bytes(ctx, e, memory_limit_gb)
+    avail = available_bytes(sess, e, memory_limit_gb)
     if (kind == "cpu" or memory_limit_gb > 0) and need > avail:
-        _oom_row(ctx, common, f"oom: predicted {need / 1e9:.2f} GB beyond the weights > {avail / 1e9:.2f} GB "
+        _oom_row(sess, common, f"oom: predicted {need / 1e9:.2f} GB beyond the weights > {avail / 1e9:.2f} GB "
                               "available (not run)")
         return
     try:
@@ -84,44 +86,44 @@ def one_batch(ctx, e, b, prompt_len, new_tokens, warmup, repeats, seed, memory_l
             raise
         del exc
         empty_cache(kind)
-        _oom_row(ctx, common, "oom: out of memory while generating")
+        _oom_row(sess, common, "oom: out of memory while generating")
         return
-    add_compile_times(ctx, e, ctx.setdefault("compiled_seen", set()))
+    add_compile_times(sess, e)
     flops, nbytes = generate_cost(e.cfg, e.read_bytes, b, prompt_len, new_tokens, e.dtype)
     ctx_mid = prompt_len + warmup + decode_steps // 2
-    add(ctx, [row(ctx, pre, flops=cm.prefill_flops(e.cfg, b, prompt_len),
+    add(sess, [row(sess, pre, flops=cm.prefill_flops(e.cfg, b, prompt_len),
                   nbytes=cm.prefill_bytes(e.cfg, e.read_bytes, b, prompt_len, e.dtype), compute_dtype=e.compute_dtype,
                   experiment="batch", metric="prefill_time", unit="s", status=pre_st, **pre_c, **common),
-              row(ctx, [b * prompt_len / t for t in pre], experiment="batch", metric="prefill_tokens_per_s",
+              row(sess, [b * prompt_len / t for t in pre], experiment="batch", metric="prefill_tokens_per_s",
                   unit="tokens/s", status=pre_st, note="prompt tokens processed per second", **common),
-              row(ctx, blocks, flops=cm.decode_flops(e.cfg, b, ctx_mid), nbytes=cm.decode_bytes(e.cfg, e.read_bytes, b, ctx_mid, e.dtype),
+              row(sess, blocks, flops=cm.decode_flops(e.cfg, b, ctx_mid), nbytes=cm.decode_bytes(e.cfg, e.read_bytes, b, ctx_mid, e.dtype),
                   compute_dtype=e.compute_dtype, experiment="batch", metric="decode_step_time", unit="s",
                   status=dec_st, **dec_c, **common),
-              row(ctx, [[b / t for t in blk] for blk in blocks], experiment="batch", metric="decode_tokens_per_s",
+              row(sess, [[b / t for t in blk] for blk in blocks], experiment="batch", metric="decode_tokens_per_s",
                   unit="tokens/s", status=dec_st, note="one new token per sequence per step", **common),
-              row(ctx, gen, flops=flops, nbytes=nbytes, compute_dtype=e.compute_dtype,
+              row(sess, gen, flops=flops, nbytes=nbytes, compute_dtype=e.compute_dtype,
                   experiment="batch", metric="generate_latency", unit="s", status=recompile_status(gen_rc),
                   note="per-request latency: every request of the batch finishes together", **noise.fields(gen_c),
                   **common),
-              row(ctx, [b * new_tokens / t for t in gen], experiment="batch", metric="tokens_per_s",
+              row(sess, [b * new_tokens / t for t in gen], experiment="batch", metric="tokens_per_s",
                   unit="tokens/s", status=recompile_status(gen_rc), note="generated tokens only (prefill included in the time)",
                   **common),
-              row(ctx, [b / t for t in gen], experiment="batch", metric="requests_per_s", unit="requests/s",
+              row(sess, [b / t for t in gen], experiment="batch", metric="requests_per_s", unit="requests/s",
                   status=recompile_status(gen_rc), **common),
-              row(ctx, [peak], experiment="batch", metric="peak_memory", unit="bytes", note=label, **common)])
+              row(sess, [peak], experiment="batch", metric="peak_memory", unit="bytes", note=label, **common)])
     # Energy over a window of whole generates at this batch ("unsupported: why" where unreadable).
-    add(ctx, [row(ctx, **f, **common) for f in energy.measure_rows(
-        kind, lambda: engine.generate(e, ids, new_tokens), b * new_tokens, b, ctx.get("idle_watts"))])
+    add(sess, [row(sess, **f, **common) for f in energy.measure_rows(
+        kind, lambda: engine.generate(e, ids, new_tokens), b * new_tokens, b, sess.idle_watts)])
 
 
-def largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb=0.0):
+def largest(sess: Session, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb=0.0):
     """The largest feasible batch: predicted on the CPU (an OOM there kills the process), tried on
     accelerators by doubling past the grid's max_batch until a prefill + one decode step runs out."""
-    kind, tokens = ctx["kind"], prompt_len + new_tokens
+    kind, tokens = sess.kind, prompt_len + new_tokens
     common = dict(prompt_len=prompt_len, new_tokens=new_tokens, **config_fields(e))
-    avail = available_bytes(ctx, e, memory_limit_gb)
+    avail = available_bytes(sess, e, memory_limit_gb)
     pred = predicted_largest_batch(e, tokens, avail)
-    add(ctx, row(ctx, [pred], experiment="batch", metric="largest_batch_predicted", unit="sequences",
+    add(sess, row(sess, [pred], experiment="batch", metric="largest_batch_predicted", unit="sequences",
                  note=f"cost-model footprint of {tokens} tokens per sequence within {avail / 1e9:.2f} GB available "
                       "beyond the weights", **common))
     if kind == "cpu" or memory_limit_gb > 0:
@@ -130,7 +132,7 @@ def largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb=0.0
     while b < SEARCH_LIMIT:
         b *= 2
         try:
-            ids = ids_for(ctx, e, b, prompt_len, seed)[0]
+            ids = ids_for(sess, e, b, prompt_len, seed)[0]
             time_decode(e, ids, kind, steps=1, warmup=1, repeats=1)
             ok = b
         except Exception as exc:
@@ -140,7 +142,7 @@ def largest(ctx, e, max_batch, prompt_len, new_tokens, seed, memory_limit_gb=0.0
             break
         finally:
             empty_cache(kind)
-    add(ctx, row(ctx, [ok], experiment="batch", metric="largest_batch_tried", unit="sequences",
+    add(sess, row(sess, [ok], experiment="batch", metric="largest_batch_tried", unit="sequences",
                  note=f"doubling from {max_batch}: batch {ok} ran a prefill and a decode step"
                       + (f", {b} ran out of memory" if b > ok else f"; stopped at the search limit {SEARCH_LIMIT}"),
                  **common))

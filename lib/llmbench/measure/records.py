@@ -13,6 +13,7 @@ from llmbench.core.stats import block_lengths, flatten, summarize
 # Column -> meaning. Units are in the metric name (…_s, …_bytes, …_per_s) and repeated in `unit`.
 COLUMNS = {
     "run_id": "grid point that produced the row",
+    "study": "which experiment notebook measured it: device | latency | batch_sweep | quantization (core/keys.STUDIES)",
     "experiment": "device | load | prefill | decode | generate | batch | quant | fidelity | ceiling",
     "model": "model name (data/models)", "weights": "synthetic or real", "weights_source": "path, hub id or 'synthetic'",
     "tokens": "where input ids came from: synthetic-ids, or corpus:<file> via <tokenizer>",
@@ -35,6 +36,7 @@ COLUMNS = {
     "bound_s": "lower-bound time against the measured ceilings", "mbu": "bytes/s over measured bandwidth",
     "mfu": "FLOP/s over measured peak", "bound_spec_s": "lower bound against the published spec",
     "mbu_spec": "", "mfu_spec": "",
+    "predicted_s": "generate rows: the time TTFT + (n-1) x TPOT of the same prompt predicts",
     "ceilings_run": "the 00_device run (same host and device) whose ceilings give bound_s, mbu and mfu; "
                     "quick-in-run: none there, measured quickly by this run", "note": "free text",
 }

@@ -17,7 +17,7 @@ CONTEXTS = (2048, 8192, 32768, 131072)  # tokens per sequence for the memory tab
 
 def _batch1(df, metric):
     d = frame.ok(df, metric=metric, batch=1)
-    return d[d.notebook.isin(["01_latency", "03_quantization"])] if "notebook" in d else d
+    return d[d.study.isin(["latency", "quantization"])] if "study" in d else d
 
 
 def candidates(df) -> pd.DataFrame:
@@ -43,7 +43,7 @@ def candidates(df) -> pd.DataFrame:
 def _best_batch(df, cfg: dict, tpot_limit: float):
     """Largest swept batch whose per-step time (batch / decode tokens/s) meets the TPOT limit, with its
     decode tokens/s and peak memory. Without a timed decode split, batch 1 only (its TPOT is measured)."""
-    d = frame.ok(df, notebook="02_batch_sweep")
+    d = frame.ok(df, study="batch_sweep")
     for key, v in cfg.items():
         if key in d:
             d = d[d[key] == v]

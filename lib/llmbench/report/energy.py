@@ -17,13 +17,13 @@ from llmbench.results.energy import METRICS, SHAPE, _pairs, _stat, meter, not_re
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per notebook, configuration and shape: each energy metric as median (95% CI), and the meter."""
+    """One row per study, configuration and shape: each energy metric as median (95% CI), and the meter."""
     d = rows(df)
     d = d[d.metric.isin(METRICS)]
     if d.empty:
         return pd.DataFrame()
     cfg = frame.config_keys(d)
-    keys = ["notebook", *cfg, *SHAPE]
+    keys = ["study", *cfg, *SHAPE]
     out = []
     for k, g in d.groupby(keys, dropna=False, sort=True):
         r = dict(zip(keys, k))
@@ -56,7 +56,7 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def _sweep(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     d = rows(df, metric)
-    sweep = d[d.notebook == "02_batch_sweep"] if "notebook" in d else d
+    sweep = d[d.study == "batch_sweep"] if "study" in d else d
     return sweep if len(sweep) else d
 
 

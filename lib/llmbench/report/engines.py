@@ -7,6 +7,7 @@ Records carry `engine` (eager | compiled | llamacpp). Compile time is experiment
 import numpy as np
 import pandas as pd
 
+from llmbench.core.keys import STUDIES
 from llmbench.core.stats import ratio_of_medians
 from llmbench.results import fmt
 from llmbench.results import frame
@@ -45,7 +46,7 @@ def engine_table(df) -> pd.DataFrame:
         if len(tt):
             f = tt.loc[tt.prompt_len.idxmax()]
             row["TTFT"] = fmt.fmt_ci(f["median"], f.ci_low, f.ci_high, fmt.fmt_time) + f" ({int(f.prompt_len)} tok)"
-        sweep = _sel(frame.ok(df, notebook="02_batch_sweep"), cfg) if "notebook" in df else df.iloc[0:0]
+        sweep = _sel(frame.ok(df, study="batch_sweep"), cfg) if "study" in df else df.iloc[0:0]
         metric = "decode_tokens_per_s" if (sweep.metric == "decode_tokens_per_s").any() else "tokens_per_s"
         per_b = sweep[sweep.metric == metric].sort_values("batch")
         if len(per_b):
@@ -92,9 +93,9 @@ def peer_ratio(df) -> pd.DataFrame:
     rows = []
     keys = [k for k in ("device", "model", "dtype", "quant") if k in tp]
     for k, g in tp.groupby(keys):
-        if "notebook" in g:  # one notebook per comparison: the latency notebook's, else the quantization one's
-            nb = g.notebook.astype(str)
-            g = g[nb.str.startswith("01_latency")] if nb.str.startswith("01_latency").any() else g[nb == nb.min()]
+        if "study" in g:  # one study per comparison: the latency study's, else the first other in STUDIES order
+            order = list(STUDIES.values())
+            g = g[g.study == min(g.study.dropna().unique(), key=order.index, default=None)]
         peer, ours = g[g.engine == "llamacpp"], g[g.engine != "llamacpp"]
         common = sorted(set(peer.context_len) & set(ours.context_len))
         if not common:

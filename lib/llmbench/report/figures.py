@@ -119,7 +119,7 @@ def latency(df, figures_dir):
 
 
 def throughput(df, figures_dir):
-    d = df[(df.notebook == "02_batch_sweep") & (df.status == "ok")]
+    d = df[(df.study == "batch_sweep") & (df.status == "ok")]
     if d.empty:
         return None
     split = (d.metric == "decode_tokens_per_s").any()
@@ -138,13 +138,13 @@ def throughput(df, figures_dir):
                 a.errorbar(m.batch, m["median"] * scale,
                            yerr=[(m["median"] - m.ci_low).clip(lower=0).fillna(0) * scale,
                                  (m.ci_high - m["median"]).clip(lower=0).fillna(0) * scale], capsize=2, **kw)
-    oom = df[(df.notebook == "02_batch_sweep") & df.status.str.startswith("oom", na=False)]
+    oom = df[(df.study == "batch_sweep") & df.status.str.startswith("oom", na=False)]
     for _, r in oom.iterrows():
         ax[0].axvline(r.batch, color=color(r.model), ls=":", lw=1)
     cut = False
     for a, (metric, label, scale) in zip(ax, panels):
         a.set(xlabel="batch size (requests)", ylabel=label)
-        pow2_ticks(a, df[df.notebook == "02_batch_sweep"].batch.dropna())
+        pow2_ticks(a, df[df.study == "batch_sweep"].batch.dropna())
         cut |= fit_whiskers(a, d[d.metric == metric], scale)
     ax[0].set_title("Throughput per batch (dotted: out of memory)" + ("; whiskers cut at the axis top" if cut else ""),
                     fontsize=10)
@@ -158,7 +158,7 @@ def throughput(df, figures_dir):
 
 
 def quantization(df, figures_dir):
-    d = df[(df.notebook == "03_quantization") & (df.status == "ok")]
+    d = df[(df.study == "quantization") & (df.status == "ok")]
     sp, kl = d[d.metric == "tpot_speedup_vs_none"], d[d.metric == "kl_mean"]
     if sp.empty:
         return None
@@ -237,7 +237,7 @@ def engines(df, figures_dir):
     if "engine" not in df:
         return None
     tp = frame.ok(df, metric="tpot", batch=1, quant="none")
-    tp = tp[tp.notebook == "01_latency"] if "notebook" in tp else tp
+    tp = tp[tp.study == "latency"] if "study" in tp else tp
     if tp.empty or tp.engine.nunique() < 2:
         return None
     rows = tp.loc[tp.groupby(["model", "dtype", "engine"]).context_len.idxmin()]

@@ -125,12 +125,12 @@ def latency_text(df) -> str:
 
 
 def generate_gap(df) -> pd.DataFrame:
-    g = ok(df, notebook="01_latency", experiment="generate")
+    g = ok(df, study="latency", experiment="generate")
     if g.empty:
         return g
     lat, gap = g[g.metric == "generate_latency"], g[g.metric == "generate_gap"]
     out = lat[["model", "dtype", "prompt_len", "new_tokens", "median"]].rename(columns={"median": "generate"})
-    out["TTFT + (n-1) x TPOT"] = lat.note.str.extract(r"= ([\d.e+-]+) s")[0].astype(float).values
+    out["TTFT + (n-1) x TPOT"] = lat["predicted_s"].astype(float).values
     out["gap"] = gap["median"].values
     out["gap share"] = out["gap"] / out["generate"]
     for c in ("generate", "TTFT + (n-1) x TPOT", "gap"):
@@ -196,7 +196,7 @@ BATCH_METRICS = {  # metric -> column; the timed split first (llama-bench's pp/t
 
 
 def batch_table(df) -> pd.DataFrame:
-    d = df[(df.notebook == "02_batch_sweep") & (df.experiment == "batch")]
+    d = df[(df.study == "batch_sweep") & (df.experiment == "batch")]
     if d.empty:
         return d
     keys = [*config_keys(d, drop=("weights_source", "tokens")), "batch"]
@@ -218,7 +218,7 @@ def batch_table(df) -> pd.DataFrame:
 def largest_batch(df) -> dict:
     """Per configuration: the largest batch that ran, the first that did not fit (tried or predicted), and
     whether the limit was found (an out-of-memory) or is just the grid's largest batch."""
-    d = df[(df.notebook == "02_batch_sweep") & (df.metric == "generate_latency")]
+    d = df[(df.study == "batch_sweep") & (df.metric == "generate_latency")]
     out = {}
     keys = config_keys(d, drop=("weights_source", "tokens", "weights", "device"))
     for k, g in d.groupby(keys, dropna=False) if len(d) else []:
@@ -227,7 +227,7 @@ def largest_batch(df) -> dict:
         first = oom.loc[oom.batch.idxmin()] if len(oom) else None
         found = {}
         for metric in ("largest_batch_predicted", "largest_batch_tried"):  # the search past the grid (02)
-            f = df[(df.notebook == "02_batch_sweep") & (df.metric == metric) & (df.status == "ok")]
+            f = df[(df.study == "batch_sweep") & (df.metric == metric) & (df.status == "ok")]
             for key, v in zip(keys, k if isinstance(k, tuple) else (k,)):
                 f = f[f[key] == v] if key in f else f
             if len(f):
@@ -247,7 +247,7 @@ def batch_text(df) -> str:
     parts = []
     split = (df.metric == "decode_tokens_per_s").any()
     for k, v in lb.items():
-        sel = ok(df, notebook="02_batch_sweep", **dict(zip(v["keys"], k)))
+        sel = ok(df, study="batch_sweep", **dict(zip(v["keys"], k)))
         name = " ".join(map(str, k))
         if v["search_tried"]:
             s = (f"{name}: batches up to {v['tried']} measured; doubling past them, batch {v['search_tried']} still ran "
@@ -283,7 +283,7 @@ def quant_table(df) -> pd.DataFrame:
     count for the kernels that ran: a quantized layer's int8/int4 weights and scales, the LM head and any
     layer left unquantized). Speed-ups are TPOT ratios against the unquantized run of each baseline dtype
     present for the same model and engine."""
-    d = df[df.notebook == "03_quantization"]
+    d = df[df.study == "quantization"]
     if d.empty:
         return d
     okd = d[d.status == "ok"]
@@ -337,7 +337,7 @@ def quant_text(df) -> str:
             "follows: a method can store more than it streams (for instance when a tied embedding is kept for "
             "the lookup beside a quantized LM head). Decode MBU is the streamed bytes per second over the "
             "measured read bandwidth: the kernel's own efficiency.")
-    d = df[df.notebook == "03_quantization"]
+    d = df[df.study == "quantization"]
     if not (d.dtype.isin(["bf16", "fp16"])).any():
         text += (" No 16-bit baseline ran on this device, so speed-ups are against fp32 only; the seed reasons "
                  "from 16-bit, where int8 weights halve the bytes (fp32: a quarter).")
@@ -350,7 +350,7 @@ def quant_text(df) -> str:
 
 
 def kernels_used(df) -> list[str]:
-    d = df[(df.notebook == "03_quantization") & (df.metric == "weight_bytes") & (df.quant != "none")]
+    d = df[(df.study == "quantization") & (df.metric == "weight_bytes") & (df.quant != "none")]
     return sorted({f"`{q}`: {n.split(': ', 1)[-1]}" for q, n in zip(d.quant, d.note) if n})
 
 
@@ -368,7 +368,7 @@ def ceilings_table(df) -> pd.DataFrame:
 def efficiency_table(df) -> pd.DataFrame:
     """Decode MBU at batch 1 and prefill MFU at the longest prompt, per model (latency notebook)."""
     rows = []
-    for model, g in ok(df, notebook="01_latency", quant="none").groupby("model"):
+    for model, g in ok(df, study="latency", quant="none").groupby("model"):
         dec, pre = g[g.metric == "tpot"], g[g.metric == "ttft"]
         if len(dec):
             r = dec.loc[dec.context_len.idxmin()]

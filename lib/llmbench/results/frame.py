@@ -10,7 +10,7 @@ import yaml
 
 from llmbench.core import paths
 from llmbench.core.files import read_json
-from llmbench.core.keys import CONFIG_KEYS
+from llmbench.core.keys import CONFIG_KEYS, STUDIES
 from llmbench.core.stats import regroup
 from llmbench.measure.records import ok_runs, read_all
 
@@ -28,7 +28,10 @@ def load(results_dir) -> tuple[pd.DataFrame, list[dict]]:
     runs = [read_json(r / "run.json") for r in ok_runs(results_dir)]
     df = read_all(results_dir)
     by_id = {r["run_id"]: r["notebook"] for r in runs}
-    df["notebook"] = df["run_id"].map(by_id)
+    df["notebook"] = df["run_id"].map(by_id)  # provenance only: selections use `study`
+    if "study" not in df:  # records written before the study column: it follows from the notebook
+        df["study"] = None
+    df["study"] = df["study"].fillna(df["notebook"].map(STUDIES))
     if "engine" not in df:  # records from before the engine axis: all ran HF transformers eagerly
         df["engine"] = None
     df.loc[df.engine.isna() & df.model.notna(), "engine"] = "eager"
@@ -96,7 +99,7 @@ def weights_used(df: pd.DataFrame) -> str:
 
 def latency_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Batch-1 TTFT or TPOT of unquantized models from the latency notebook."""
-    return ok(df, notebook="01_latency", metric=metric, quant="none", batch=1)
+    return ok(df, study="latency", metric=metric, quant="none", batch=1)
 
 
 def published() -> dict:
