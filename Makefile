@@ -18,7 +18,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirements-llamacpp.txt requirements-npu.txt pyproject.toml \
-	  lib/llmbench/platform/llamacpp_build.py | $(BIN)/python
+	  lib/llmbench/system/llamacpp_build.py | $(BIN)/python
 	@if [ -n "$(NPU_HOST)" ]; then echo "npu-smi found: installing the CPU build of torch $(TORCH_VERSION) for torch_npu"; \
 	  $(BIN)/python -m pip install -q $(PIP_EXTRA) --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)" || exit 1; fi
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements.lock
@@ -28,7 +28,7 @@ $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirem
 	  $(BIN)/python -c "import torch, torch_npu; print('torch_npu', torch_npu.__version__, 'imports; CANN', torch_npu.npu.get_cann_version())" \
 	  || echo "*** WARNING: npu-smi exists but torch_npu cannot be imported (error above). Install CANN and run 'source <CANN>/set_env.sh' before make; llmbench will NOT use the NPU until it imports. ***" >&2; fi
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	PIP_EXTRA="$(PIP_EXTRA)" $(BIN)/python -m llmbench.platform.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
+	PIP_EXTRA="$(PIP_EXTRA)" $(BIN)/python -m llmbench.system.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" >/dev/null
 	@touch $(STAMP)
 	@echo "installed into $(VENV); Jupyter kernel '$(KERNEL)' registered"
@@ -39,7 +39,7 @@ setup: $(STAMP)
 study: setup
 	@dev=$$($(BIN)/llmbench detect) && grid=data/grids/$$dev.yaml && echo "device: $$dev -> grid $$grid" && \
 	if [ -n "$(NPU_HOST)" ] && [ "$$dev" != npu ]; then echo "*** WARNING: npu-smi exists but the NPU is not usable: \
-	$$($(BIN)/python -c 'from llmbench.platform.device import availability; print(availability("npu")[1])'); running the $$dev grid ***" >&2; fi && \
+	$$($(BIN)/python -c 'from llmbench.system.device import availability; print(availability("npu")[1])'); running the $$dev grid ***" >&2; fi && \
 	$(BIN)/llmbench run $$grid; rc=$$?; echo "study results: data/runs/$$dev/"; \
 	$(BIN)/llmbench report data/runs/$$dev --figures figures --html report/index.html || exit 1; \
 	exit $$rc

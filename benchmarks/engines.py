@@ -32,7 +32,7 @@ import torch
 from llmbench.measure import ceilings
 from llmbench import engines as engine
 from llmbench.model import costmodel as cm
-from llmbench.platform.device import DTYPES, fastest_dtype, pick_device, timed, torch_device
+from llmbench.system.device import DTYPES, fastest_dtype, pick_device, timed, torch_device
 from llmbench.core.errors import UserError, check_choice
 from llmbench.measure.timing import compiles_so_far
 from llmbench.model.quant.methods import METHODS

@@ -36,7 +36,7 @@ def serve(cfg: dict) -> None:
     from stdin, time n decode steps one by one and print them; 0 ends."""
     from llmbench import engines as engine  # before torch: its allocator's huge-page setting (llmbench/__init__.py)
     import torch
-    from llmbench.platform.device import synchronize, timed, torch_device
+    from llmbench.system.device import synchronize, timed, torch_device
     from llmbench.engines import LoadRequest
     from llmbench.model.models import load_config
     from llmbench.core.errors import Unsupported
@@ -277,7 +277,7 @@ def main():
         return serve(json.loads(args.serve))
     if args.export:
         return gguf_size(json.loads(args.export))
-    from llmbench.platform.device import pick_device, usable_dtypes
+    from llmbench.system.device import pick_device, usable_dtypes
     from llmbench.core.errors import check_choice
     from llmbench.model.models import model_names
     for m in args.models:

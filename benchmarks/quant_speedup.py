@@ -13,7 +13,7 @@ import time
 
 from llmbench import engines as engine
 from llmbench.model.quant import methods as quant
-from llmbench.platform.device import pick_device
+from llmbench.system.device import pick_device
 from llmbench.core.errors import UserError
 from llmbench.measure.fidelity import compare_logits
 from llmbench.measure.timing import time_decode, time_prefill

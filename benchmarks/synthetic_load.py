@@ -13,7 +13,7 @@ import time
 import llmbench  # noqa: F401  (before torch: its allocator's huge-page setting, see llmbench/__init__.py)
 import torch
 
-from llmbench.platform.device import pick_device
+from llmbench.system.device import pick_device
 from llmbench.core.errors import UserError
 from llmbench.model.models import load_model
 from llmbench.model.quant.methods import weight_bytes

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from llmbench.platform import device
+from llmbench.system import device
 from llmbench.core.errors import UserError
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from llmbench.platform import energy
+from llmbench.system import energy
 from llmbench.measure.records import record
 
 NOSYNC = dict(sync=lambda: None)
@@ -245,7 +245,7 @@ def test_rows_per_token_request_power_and_above_idle():
 def test_measure_rows_in_one_call(monkeypatch):
     t0 = time.perf_counter()
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(energy_mj=lambda t: 120_000 * (t - t0)))  # 120 W
-    monkeypatch.setattr("llmbench.platform.device.synchronize", lambda kind: None)
+    monkeypatch.setattr("llmbench.system.device.synchronize", lambda kind: None)
     out = {f["metric"]: f for f in energy.measure_rows("cuda", lambda: time.sleep(0.02), tokens_per_call=8,
                                                         requests_per_call=2, idle_watts=20.0, min_seconds=0.3)}
     assert np.median(out["avg_power"]["samples"]) == pytest.approx(120, rel=1e-2)

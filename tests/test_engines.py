@@ -3,7 +3,7 @@ timed window is caught; CPU dtypes are decided by measurement."""
 import pytest
 import torch
 
-from llmbench.platform import device
+from llmbench.system import device
 from llmbench import engines as engine
 from llmbench.engines import eager as engine_eager
 from llmbench.experiments import latency

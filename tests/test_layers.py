@@ -15,15 +15,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lib" / "llmbench"
 # layer -> the layers its modules may import (their own included). Top (cli.py, __init__.py): anything.
 ALLOWED = {
     "core": {"core"},
-    "platform": {"core", "platform"},
-    "model": {"core", "platform", "model"},
-    "engines": {"core", "platform", "model", "engines"},
-    "measure": {"core", "platform", "model", "engines", "measure"},
-    "experiments": {"core", "platform", "model", "engines", "measure", "experiments"},
-    "orchestration": {"core", "platform", "orchestration"},
-    "results": {"core", "platform", "model", "measure", "results"},
-    "claims": {"core", "platform", "model", "measure", "results", "claims"},
-    "report": {"core", "platform", "model", "measure", "results", "claims", "report"},
+    "system": {"core", "system"},
+    "model": {"core", "system", "model"},
+    "engines": {"core", "system", "model", "engines"},
+    "measure": {"core", "system", "model", "engines", "measure"},
+    "experiments": {"core", "system", "model", "engines", "measure", "experiments"},
+    "orchestration": {"core", "system", "orchestration"},
+    "results": {"core", "system", "model", "measure", "results"},
+    "claims": {"core", "system", "model", "measure", "results", "claims"},
+    "report": {"core", "system", "model", "measure", "results", "claims", "report"},
 }
 # Single modules a layer may take from a layer it otherwise does not import: a grid is validated against
 # the notebooks' parameter vocabulary.

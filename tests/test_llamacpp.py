@@ -10,7 +10,7 @@ import torch
 from llmbench import engines as engine
 from llmbench.engines import llamacpp as engine_llamacpp
 from llmbench.model import gguf_export
-from llmbench.platform import llamacpp_build
+from llmbench.system import llamacpp_build
 from llmbench.engines import LoadRequest
 from llmbench.model.models import load_model
 from llmbench.core.errors import Unsupported

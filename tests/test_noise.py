@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from llmbench.platform import noise
+from llmbench.system import noise
 from llmbench.measure.records import COLUMNS
 
 NO_IDLE_EXCUSE = noise.Limits(free_cores=float("inf"))  # judge others' use alone: same verdict on 2 or 64 cores

@@ -9,10 +9,10 @@ from torch import nn
 from conftest import NpuKernelError, fake_torch_npu, unpack_int4
 from llmbench.model.quant import methods as quant
 from llmbench.model.quant import npu as quant_npu
-from llmbench.platform.device import DTYPES
+from llmbench.system.device import DTYPES
 from llmbench.model.models import load_config
 from llmbench.core import errors
-from llmbench.platform import npu_chips
+from llmbench.system import npu_chips
 
 # What torch_npu's docs say each chip runs (independent of quant_npu's table): "ran" or a word of the refusal.
 EXPECTED = {

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmbench.platform import device
+from llmbench.system import device
 from llmbench.model.quant import methods as quant
 from llmbench.core.errors import UserError
 from llmbench.model.quant.npu import NpuW4A16Linear, NpuW8A8Linear, NpuW8A16Linear

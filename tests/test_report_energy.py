@@ -5,7 +5,7 @@ import pytest
 
 from llmbench import claims
 from llmbench.claims import checks as C
-from llmbench.platform import energy
+from llmbench.system import energy
 from llmbench.report import energy as RE
 from llmbench.measure.records import COLUMNS, record
 from llmbench.claims import energy as energy_claims

@@ -3,19 +3,19 @@
 Data flow, one folder per stage:
     data/grids/*.yaml -> orchestration/ (one process per grid point; executor local or ray)
     -> papermill runs notebooks/NN_*.ipynb -> experiments/ -> engines/ (one interface) over model/,
-       timed by measure/ on platform/
+       timed by measure/ on system/
     -> data/runs/<grid>/<run_id>/{records.parquet, run.json, notebook}
     -> notebooks/99_report.ipynb: results/ -> claims/ -> report/ -> figures/, report/index.html
 
 The import rule (tests/test_layers.py checks it from the code): a module imports its own folder or a
 lower layer, never a higher one, and there is no import cycle.
     core                 paths, errors (UserError, Unsupported), configuration keys, statistics, files
-    platform             device, NPU chips, noise watch, energy meters, native builds, kernel, provenance
+    system               device, NPU chips, noise watch, energy meters, native builds, kernel, provenance
     model                configs and weights, Llama, tokenizers, inputs, cost model, quant/
     engines              the engine interface and registry (__init__), eager, compiled, llamacpp
     measure              timing, ceilings, records, fidelity
     experiments          parameters, the run session, one module per notebook
-    orchestration        grids, run folders, points, executors   (core, platform, experiments.params only)
+    orchestration        grids, run folders, points, executors   (core, system, experiments.params only)
     results              frames over the records, ratios, anomalies  (never engines or experiments)
     claims, report       the seed's claims judged; the report's sections and figures
 Outside engines/ only the interface (llmbench.engines) is imported, never an engine module. Imports inside

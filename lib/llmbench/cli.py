@@ -42,7 +42,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from llmbench.platform.device import availability, describe, pick_device
+    from llmbench.system.device import availability, describe, pick_device
     kind = pick_device(args.device)
     info = describe(kind)
     info["available"] = {k: (ok or why) for k in ("npu", "cuda", "cpu") for ok, why in [availability(k)]}
@@ -55,7 +55,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from llmbench.platform.device import pick_device
+    from llmbench.system.device import pick_device
     print(pick_device("auto"))
     return 0
 
@@ -76,7 +76,7 @@ def cmd_run_point(args) -> int:
     """One grid point, self-contained: any scheduler can run this on any machine."""
     from llmbench.orchestration.grid import safe_slug
     from llmbench.experiments.params import check_value, declared
-    from llmbench.platform.nbexec import check_kernel
+    from llmbench.system.nbexec import check_kernel
     from llmbench.orchestration.point import run_point
     declared(args.notebook)  # an unknown notebook is a user error, not a failed run
     try:

@@ -29,9 +29,9 @@ from llmbench.engines.eager import build
 from llmbench.model import llama
 from llmbench.model.quant import cpu_gemv
 from llmbench.model.quant.methods import replace_linears
-from llmbench.platform.device import is_oom
-from llmbench.platform.device import synchronize, torch_device
-from llmbench.platform.npu_chips import chip_supports
+from llmbench.system.device import is_oom
+from llmbench.system.device import synchronize, torch_device
+from llmbench.system.npu_chips import chip_supports
 
 CPU_REDUCE_ROWS = 1  # rows (batch x tokens) up to which the inductor multiply-reduce beats its GEMM
 

@@ -32,8 +32,8 @@ from llmbench.core.errors import Unsupported
 from llmbench.engines import Engine, LoadRequest
 from llmbench.model import gguf_export
 from llmbench.model.models import check_weights_path, load_config, load_tokenizer
-from llmbench.platform.device import backend
-from llmbench.platform.llamacpp_build import BUILD_INFO
+from llmbench.system.device import backend
+from llmbench.system.llamacpp_build import BUILD_INFO
 
 GGML_TYPE = {"F32": 0, "F16": 1, "BF16": 30}  # ggml.h enum ggml_type, for the KV cache
 KV_TYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}

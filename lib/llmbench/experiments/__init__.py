@@ -1,1 +1,1 @@
-"""experiments"""
+"""One module per experiment notebook, the notebooks' parameters and plans, and the run session."""

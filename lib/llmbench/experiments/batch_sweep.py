@@ -8,10 +8,10 @@ is recorded without being run, and the largest batch that fits is predicted from
 footprint; on accelerators it is tried (short prefill + decode steps, doubling until out of memory).
 """
 from llmbench.model import costmodel as cm
-from llmbench.platform import energy
+from llmbench.system import energy
 from llmbench import engines as engine
-from llmbench.platform import noise
-from llmbench.platform.device import empty_cache, free_memory, is_oom
+from llmbench.system import noise
+from llmbench.system.device import empty_cache, free_memory, is_oom
 from llmbench.experiments.latency import generate_cost, ids_for, recompile_status
 from llmbench.measure.timing import time_decode, time_generate, time_prefill, watched
 from llmbench.experiments.plans import BatchPlan

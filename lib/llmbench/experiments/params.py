@@ -12,8 +12,8 @@ from llmbench.engines import ENGINES
 from llmbench.model.inputs import TOKENS
 from llmbench.model.models import check_weights_path, model_names
 from llmbench.model.quant.methods import METHODS
-from llmbench.platform.device import DEVICES, DTYPES
-from llmbench.platform.device import fastest_dtype, pick_device
+from llmbench.system.device import DEVICES, DTYPES
+from llmbench.system.device import fastest_dtype, pick_device
 
 # Set by the runner for each grid point; a grid file may not set them.
 RESERVED = ("out_dir", "grid_dir")

@@ -13,7 +13,7 @@ from llmbench.experiments.plans import QuantPlan
 from llmbench.experiments.session import Session, add, config_fields, load, row
 from llmbench.measure.fidelity import compare_logits, perplexity
 from llmbench.model.inputs import make_batch
-from llmbench.platform.device import empty_cache, torch_device
+from llmbench.system.device import empty_cache, torch_device
 
 SYNTHETIC_NOTE = ("synthetic weights: random weights have no outlier channels, so this is not the fidelity "
                   "of the real model")

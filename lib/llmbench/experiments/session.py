@@ -14,8 +14,8 @@ from llmbench.core.keys import CONFIG_KEYS, STUDIES
 from llmbench.measure import ceilings
 from llmbench.measure.records import record, write_records
 from llmbench.model.costmodel import efficiency
-from llmbench.platform import energy
-from llmbench.platform.device import describe
+from llmbench.system import energy
+from llmbench.system.device import describe
 
 
 def out_dir(params: dict, notebook: str) -> Path:

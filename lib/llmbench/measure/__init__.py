@@ -1,1 +1,1 @@
-"""measure"""
+"""Measurement: device-correct timing through the engine interface, device ceilings, tidy records, fidelity."""

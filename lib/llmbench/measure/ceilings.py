@@ -17,9 +17,9 @@ from llmbench.core.files import read_json
 from llmbench.measure.records import record
 from llmbench.model.quant import cpu_gemv
 from llmbench.model.quant import npu as quant_npu
-from llmbench.platform.device import DTYPES, timed, torch_device
-from llmbench.platform.device import backend, cpu_model
-from llmbench.platform import npu_chips
+from llmbench.system.device import DTYPES, timed, torch_device
+from llmbench.system.device import backend, cpu_model
+from llmbench.system import npu_chips
 
 
 def _repeat(fn, kind, warmup, repeats):

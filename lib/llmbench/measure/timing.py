@@ -10,8 +10,8 @@ shape on first use (that time is the engine's compile time, never part of a samp
 during the timed calls is counted and returned, so the caller can refuse the samples.
 """
 from llmbench import engines as engine
-from llmbench.platform import noise
-from llmbench.platform.device import peak_memory, reset_peak_memory, timed
+from llmbench.system import noise
+from llmbench.system.device import peak_memory, reset_peak_memory, timed
 
 
 def compiles_so_far(e) -> int:

@@ -18,8 +18,8 @@ from llmbench.core import paths
 from llmbench.core.errors import UserError, check_choice
 from llmbench.model.inputs import TOKENS
 from llmbench.model.tokenizers import load
-from llmbench.platform.device import DTYPE_BYTES, DTYPES, torch_device
-from llmbench.platform.device import synchronize
+from llmbench.system.device import DTYPE_BYTES, DTYPES, torch_device
+from llmbench.system.device import synchronize
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

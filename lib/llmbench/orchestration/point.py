@@ -14,9 +14,9 @@ from pathlib import Path
 from llmbench.core import paths
 from llmbench.core.files import read_json, write_json
 from llmbench.orchestration.layout import LOG_TAIL_LINES, _tail, finalize, point_status
-from llmbench.platform.nbexec import KERNEL
-from llmbench.platform.noise import machine_check
-from llmbench.platform.provenance import git_commit, package_versions
+from llmbench.system.nbexec import KERNEL
+from llmbench.system.noise import machine_check
+from llmbench.system.provenance import git_commit, package_versions
 
 
 def _last_phase(log: Path) -> str:

@@ -13,8 +13,8 @@ from pathlib import Path
 from llmbench.core.errors import UserError, check_choice
 from llmbench.orchestration.grid import load_grid
 from llmbench.orchestration.layout import grid_dir, point_runs, point_status
-from llmbench.platform.nbexec import check_kernel
-from llmbench.platform.noise import machine_check
+from llmbench.system.nbexec import check_kernel
+from llmbench.system.noise import machine_check
 
 
 def executor_for(name: str):

@@ -6,7 +6,7 @@ from pathlib import Path
 from llmbench.core import paths
 from llmbench.core.errors import UserError
 from llmbench.core.files import atomic_write
-from llmbench.platform.nbexec import KERNEL, check_kernel
+from llmbench.system.nbexec import KERNEL, check_kernel
 
 TEMPLATES = Path(__file__).parent / "template"
 

@@ -25,7 +25,7 @@ import torch
 
 from llmbench.core.errors import Unsupported
 from llmbench.model.quant.npu import int8_per_channel
-from llmbench.platform.llamacpp_build import cpu_id
+from llmbench.system.llamacpp_build import cpu_id
 
 SOURCE = Path(__file__).with_suffix(".c")
 MAX_ROWS = 16  # x rows (batch x tokens) up to which a linear is memory bound enough for this kernel

@@ -15,7 +15,7 @@ from torch import nn
 
 from llmbench.core.errors import Unsupported
 from llmbench.model.quant import npu as quant_npu
-from llmbench.platform import npu_chips
+from llmbench.system import npu_chips
 
 METHODS = ("none", "w8a16", "w8a8", "w4a16")
 GROUP_SIZE = 128  # int4 group along K, as in gpt-fast and torchao defaults

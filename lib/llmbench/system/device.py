@@ -17,7 +17,7 @@ import torch
 
 from llmbench.core import paths
 from llmbench.core.errors import UserError, check_choice
-from llmbench.platform.npu_chips import chip_supports
+from llmbench.system.npu_chips import chip_supports
 
 DEVICES = ("auto", "npu", "cuda", "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

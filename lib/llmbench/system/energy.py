@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from llmbench.core.errors import UserError
-from llmbench.platform.device import synchronize
+from llmbench.system.device import synchronize
 
 # Seconds between meter readings. NVML and RAPL reads cost microseconds; one npu-smi call is a process.
 INTERVAL_S = {"cuda": 0.1, "npu": 0.5, "cpu": 0.1}

@@ -12,7 +12,7 @@ machine, installs the cached wheel in seconds. The backends follow the machine:
 LLMBENCH_LLAMACPP_CMAKE_ARGS adds flags. What was built (flags, llama.cpp commit, build seconds) is
 written to <venv>/share/llmbench/llamacpp-build.json; engine_llamacpp puts it in its description.
 
-usage: python -m llmbench.platform.llamacpp_build     (the Makefile's setup runs it)
+usage: python -m llmbench.system.llamacpp_build     (the Makefile's setup runs it)
 """
 import hashlib
 import json
