@@ -29,7 +29,8 @@ $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirem
 	  || echo "*** WARNING: npu-smi exists but torch_npu cannot be imported (error above). Install CANN and run 'source <CANN>/set_env.sh' before make; llmbench will NOT use the NPU until it imports. ***" >&2; fi
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	PIP_EXTRA="$(PIP_EXTRA)" $(BIN)/python -m llmbench.system.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
-	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" >/dev/null
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" \
+	  --env TORCH_DEVICE_BACKEND_AUTOLOAD 0 >/dev/null  # torch-npu's autoload fails without CANN; device.py imports it
 	@touch $(STAMP)
 	@echo "installed into $(VENV); Jupyter kernel '$(KERNEL)' registered"
 

@@ -4,7 +4,7 @@
     .venv/bin/python scripts/torch_npu_signatures.py /tmp/wheel/torch_npu-2.13.0-*.whl
 
 The schemas come from the wheel's torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml (what op-plugin registers,
-the same text as op-plugin's op_plugin_functions.yaml) and get_cann_version from torch_npu/npu/utils.py. The wheel is
+the same text as op-plugin's op_plugin_functions.yaml) and PYTHON's functions from torch_npu/npu/utils.py. The wheel is
 only read as a zip: nothing in it is imported or executed. tests/test_npu_contracts.py compares the fake with the file.
 """
 import ast
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
-OPS = ("npu_weight_quant_batchmatmul", "npu_convert_weight_to_int4pack", "npu_dynamic_quant", "npu_quant_matmul")
+OPS = ("npu_weight_quant_batchmatmul", "npu_convert_weight_to_int4pack", "npu_dynamic_quant", "npu_quant_matmul",
+       "npu_format_cast")
+PYTHON = ("get_cann_version", "set_task_queue_enable", "get_task_queue_enable")  # torch_npu/npu/utils.py
 SCHEMAS = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
 OUT = Path(__file__).resolve().parents[1] / "data" / "torch_npu_ops.json"
 
@@ -72,7 +74,7 @@ def main(wheel: str) -> None:
                       "schemas_file": SCHEMAS, "python_file": "torch_npu/npu/utils.py",
                       "regenerate": "python scripts/torch_npu_signatures.py <torch_npu wheel>"},
            "ops": {name: {"schema": found[name], **parse_schema(found[name])} for name in OPS},
-           "python": {"npu.get_cann_version": python_signature(utils, "get_cann_version")}}
+           "python": {f"npu.{name}": python_signature(utils, name) for name in PYTHON}}
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {OUT} from {Path(wheel).name} (torch_npu {version.get('__version__')}, {version.get('git_version')})")
 

@@ -119,16 +119,21 @@ def fake_npu_smi(tmp_path, monkeypatch, body):
 CARD = "printf '\\t%-30s : %.1f\\n' 'Power Dissipation(W)' 87.5"
 
 
+# `npu-smi info -m` of an 8-card A2 server: NPU ID = logical id, one chip each (tests/test_npu_runtime.py: a 310P's)
+MAP_A2 = "printf '\\tNPU ID  Chip ID  Chip Logic ID  Chip Name\\n' && for i in 0 1 2 3 4 5 6 7; do " \
+         "printf '\\t%s  0  %s  Ascend 910B3\\n\\t%s  1  -  Mcu\\n' $i $i $i; done"
+
+
 def test_npu_smi_power_is_sampled_and_integrated(tmp_path, monkeypatch):
-    args = fake_npu_smi(tmp_path, monkeypatch, CARD)
+    args = fake_npu_smi(tmp_path, monkeypatch, f'if [ "$*" = "info -m" ]; then {MAP_A2}; else {CARD}; fi')
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "3,4")
     monkeypatch.delenv("LLMBENCH_NPU_SMI_ID", raising=False)
     r, calls = energy.measure("npu", lambda: time.sleep(0.02), min_seconds=0.6, interval_s=0.05, **NOSYNC)
     assert r.status == "ok", r.status
     assert r.joules == pytest.approx(87.5 * r.seconds, rel=1e-9)  # constant power: the integral is exact
-    assert r.method.startswith("npu-smi info -t power -i 3 sampled and integrated")
+    assert r.method.startswith("npu-smi info -t power -i 3 -c 0 sampled and integrated")
     assert r.samples >= 4 and 0.04 <= r.interval_s < 0.3
-    assert set(args.read_text().splitlines()) == {"info -t power -i 3"}
+    assert set(args.read_text().splitlines()) == {"info -m", "info -t power -i 3 -c 0"}
 
 
 def test_npu_smi_output_formats():
@@ -152,10 +157,13 @@ def test_npu_smi_failing_or_absent_is_unsupported(tmp_path, monkeypatch):
 
 
 def test_npu_id_must_be_a_number(monkeypatch):
+    from llmbench.system import npu_smi
     from llmbench.core.errors import UserError
     monkeypatch.setenv("LLMBENCH_NPU_SMI_ID", "0; rm -rf /")
     with pytest.raises(UserError, match="not a number"):
-        energy.npu_id()
+        npu_smi.target()
+    monkeypatch.setenv("LLMBENCH_NPU_SMI_ID", "224:1")
+    assert npu_smi.target().args() == ["-i", "224", "-c", "1"]
 
 
 # --- cpu: a fake powercap tree -------------------------------------------------------------------------
@@ -245,7 +253,7 @@ def test_rows_per_token_request_power_and_above_idle():
 def test_measure_rows_in_one_call(monkeypatch):
     t0 = time.perf_counter()
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(energy_mj=lambda t: 120_000 * (t - t0)))  # 120 W
-    monkeypatch.setattr("llmbench.system.device.synchronize", lambda kind: None)
+    monkeypatch.setattr(energy, "synchronize", lambda kind: None)  # energy imports it by name
     out = {f["metric"]: f for f in energy.measure_rows("cuda", lambda: time.sleep(0.02), tokens_per_call=8,
                                                         requests_per_call=2, idle_watts=20.0, min_seconds=0.3)}
     assert np.median(out["avg_power"]["samples"]) == pytest.approx(120, rel=1e-2)

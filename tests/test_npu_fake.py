@@ -39,15 +39,20 @@ def test_npu_memory_statistics(fake_npu):
 
 def test_npu_describe_and_dtypes(fake_npu, monkeypatch):
     npu, _ = fake_npu
-    monkeypatch.setenv("TASK_QUEUE_ENABLE", "2")
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "0")  # what torch_npu leaves under ipykernel
+    npu.task_queue = 0
     info = device.describe("npu")
     assert info["device_name"] == "Ascend910B2" and info["torch_npu"] == "2.13.0-fake"
     assert info["cann"] == "8.5.0" and info["cann_source"] == "torch_npu.npu.get_cann_version()"
-    assert info["task_queue_enable"] == "2" and info["graph_compile_backend"].startswith("npugraph_ex")
+    # set once, explicitly, after the import; recorded from torch.npu.get_task_queue_enable(), not the env var
+    assert info["task_queue_enable"] == device.TASK_QUEUE_AT_IMPORT == 1 and info["task_queue_env"] == "0"
+    assert info["graph_compile_backend"].startswith("npugraph_ex")
+    npu.set_task_queue_enable(2)  # an engine set its own mode: describe reports it, never resets it
     npu.chip = "Ascend310P3"
-    monkeypatch.delenv("TASK_QUEUE_ENABLE")
     info = device.describe("npu")
-    assert info["task_queue_enable"] == "unset" and info["graph_compile_backend"].startswith("none: Ascend310P3")
+    assert info["task_queue_enable"] == 2 and npu.names().count("set_task_queue_enable") == 2
+    assert info["graph_compile_backend"].startswith("npugraph_ex, tried at load") and "Ascend310P3" in \
+        info["graph_compile_backend"]
     npu.chip = "Ascend910B2"
     device.check_dtype("npu", "bf16")
     npu.chip = "Ascend910A"  # first-generation 910: no bf16

@@ -33,3 +33,8 @@ __version__ = "0.1.0"
 # huge pages. device.describe records the setting and the kernel's THP mode in every run.json.
 if "torch" not in sys.modules:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # torch-npu registers a `torch.backends` entry point that torch loads at `import torch`; where CANN
+    # is not sourced that import raises, and `import torch` with it. Off by default, here (the CLI, the
+    # runner, every notebook kernel and Ray worker imports this package before torch, and child
+    # processes inherit it): device.py imports torch_npu itself, guarded, when it probes for an NPU.
+    os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")

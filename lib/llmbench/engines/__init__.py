@@ -38,6 +38,7 @@ class LoadRequest:
     max_batch: int = 1         # static engines size their KV cache from these two
     max_seq: int = 256
     tokens: str = "corpus"     # where input ids come from (workload); engines only pass it on
+    task_queue: int = 2        # npu, engine eager: torch.npu.set_task_queue_enable mode (graph capture uses 1)
 
 
 @dataclass

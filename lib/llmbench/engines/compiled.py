@@ -2,8 +2,10 @@
 step has fixed shapes and is compiled once per batch size, then replayed.
 
 - cuda: torch.compile(mode="reduce-overhead", fullgraph=True): the step is captured as a CUDA graph;
-- npu:  torch.compile(backend="npugraph_ex", fullgraph=True, dynamic=False) (torchair's graph mode, A2/A3
-        only; TASK_QUEUE_ENABLE=2 is the documented dispatch setting): anything else is refused;
+- npu:  torch.compile(backend="npugraph_ex", fullgraph=True, dynamic=False) (torchair's ACL graph mode,
+        documented for A2/A3; on other chips it is tried, and a capture that fails is "unsupported: why").
+        Task queue mode 1: NPU graph capture refuses 2 ("Do not support TASK_QUEUE_ENABLE = 2 during NPU
+        graph capture"), and torch_npu leaves 0 under ipykernel;
 - cpu:  inductor, with every linear of up to 16 rows (decode at batch <= 16) as one call of the C kernel in
         cpu_gemv.c (built here with -march=native; bf16 via AVX512-BF16 where the CPU has it). Inductor's
         own fused multiply-reduce reached 75-84% of the read bandwidth in bf16 and MKL's GEMV at M=1 about
@@ -12,12 +14,13 @@ step has fixed shapes and is compiled once per batch size, then replayed.
         used at batch 1 and the description says so.
 Prefill runs the same module eagerly on the CPU (it is compute bound there) and compiled per prompt
 length on accelerators. Compile time is measured per (function, shape) on the first call and kept in
-`e.extra["compiles"]`; `compile_count` reads dynamo's counter so that a recompilation during timed
-steps is detected by the caller.
+`e.extra["compiles"]`; `compile_count` reads dynamo's counter and npugraph_ex's capture and recapture
+counters, so that a recompilation or a graph recapture during timed steps is detected by the caller.
+The KV cache is allocated once, for max_batch x max_seq (llama.KVCache): npugraph_ex keys its graphs on
+the addresses of the inputs a graph mutates, and a new cache would make it recapture every graph.
 """
 import dataclasses
 import functools
-import os
 import time
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ from llmbench.engines.eager import build
 from llmbench.model import llama
 from llmbench.model.quant import cpu_gemv
 from llmbench.model.quant.methods import replace_linears
-from llmbench.system.device import is_oom
+from llmbench.system.device import is_oom, set_task_queue
 from llmbench.system.device import synchronize, torch_device
 from llmbench.system.npu_chips import chip_supports
 
@@ -85,17 +88,18 @@ def _linear_forward(mod, fn, max_rows, x):
     return torch.nn.functional.linear(x, mod.weight)
 
 
-def _compile_options(kind: str) -> tuple[dict, str]:
+def _compile_options(kind: str) -> tuple[dict, str, str]:
+    """(torch.compile options, what runs, why this chip's docs do not list its graph mode or "")."""
     if kind == "cuda":
-        return dict(mode="reduce-overhead", fullgraph=True, dynamic=False), "torch.compile reduce-overhead (CUDA graphs)"
+        return (dict(mode="reduce-overhead", fullgraph=True, dynamic=False),
+                "torch.compile reduce-overhead (CUDA graphs)", "")
     if kind == "npu":
         ok, why = chip_supports(torch.npu.get_device_name(0), "graph")
-        if not ok:
-            raise Unsupported(f"npugraph_ex graph mode: {why}")
-        tq = os.environ.get("TASK_QUEUE_ENABLE", "unset")
+        tq = set_task_queue(1)  # capture refuses mode 2
         return (dict(backend="npugraph_ex", fullgraph=True, dynamic=False),
-                f"torch.compile backend=npugraph_ex (torchair graph mode), TASK_QUEUE_ENABLE={tq}")
-    return dict(fullgraph=True, dynamic=False), "torch.compile inductor"
+                f"torch.compile backend=npugraph_ex (torchair ACL graph mode), task queue mode {tq} "
+                f"(torch.npu.get_task_queue_enable)", why)
+    return dict(fullgraph=True, dynamic=False), "torch.compile inductor", ""
 
 
 def _decode_step(model, token, pos):
@@ -115,18 +119,23 @@ def load(req: LoadRequest) -> Engine:
               quantize=_cpu_w8a8 if (req.kind, req.quant) == ("cpu", "w8a8") else None)
     if req.quant == "none":
         e.extra["reference"] = hf[0]  # HF eager on the very same tensors: the agreement check's reference
-    opts, how = _compile_options(req.kind)
+    opts, how, undocumented = _compile_options(req.kind)
     if req.kind == "cpu":
         fn, rows, linears = _cpu_linear_path()
         _install_linear(e.model, fn, rows)
         how += f"; {linears}"
-    e.model.setup_caches(req.max_batch, req.max_seq)
+    e.model.setup_caches(req.max_batch, req.max_seq)  # once, at the largest shape (see the module docstring)
     e.extra.update(decode=torch.compile(_decode_step, **opts),
                    prefill=torch.compile(_prefill_step, **opts) if req.kind != "cpu" else _prefill_step,
                    compiled={"decode"} if req.kind == "cpu" else {"decode", "prefill"},
                    compiles={}, cuda_graphs=req.kind == "cuda")
-    _first_compile(e)
-    e.description = (f"own static-cache Llama (llama.py, max_seq {req.max_seq}); decode: {how}; prefill: "
+    try:
+        _first_compile(e)
+    except Unsupported as exc:  # where the docs do not list graph mode, the record says it was tried
+        raise Unsupported(f"{exc} ({undocumented}: tried)" if undocumented else str(exc)) from None
+    how += f"; {undocumented}: tried, and it captured" if undocumented else ""
+    e.description = (f"own static-cache Llama (llama.py, KV cache allocated once for batch {req.max_batch} x "
+                     f"{req.max_seq} positions); decode: {how}; prefill: "
                      f"{'eager' if req.kind == 'cpu' else 'compiled per prompt length'}; {e.description}")
     return e
 
@@ -172,7 +181,7 @@ def _positions(e: Engine, start: int, n: int):
 @torch.inference_mode()
 def prefill(e: Engine, ids):
     b, t = ids.shape
-    e.model.setup_caches(b, max(e.model.max_seq, e.max_seq))  # a new batch size gets its own cache
+    e.model.setup_caches(b, e.max_seq)  # a no-op up to max_batch: a smaller batch uses the cache's first rows
     return State(pos=t), greedy(_call(e, "prefill", ids, _positions(e, 0, t)))
 
 
@@ -208,11 +217,8 @@ def generate(e: Engine, ids, n: int):
 def logits(e: Engine, ids):
     """Every position's logits, eagerly through the same module (fidelity; not timed)."""
     b, t = ids.shape
-    shape = (e.model.max_batch, e.model.max_seq)
-    e.model.setup_caches(b, max(t, shape[1]))
-    out = e.model.all_logits(ids, _positions(e, 0, t)).float().cpu()
-    e.model.setup_caches(*shape)
-    return out
+    e.model.setup_caches(b, t)  # grows the cache only when ids do not fit (graphs then recapture, counted)
+    return e.model.all_logits(ids, _positions(e, 0, t)).float().cpu()
 
 
 def release(e: Engine, state) -> None:
@@ -220,5 +226,8 @@ def release(e: Engine, state) -> None:
 
 
 def compile_count(e: Engine) -> int:
+    """Graphs dynamo compiled, plus npugraph_ex's captures and recaptures (its counters, by graph name:
+    captured_<fx graph>, recapture_due_to_<reason>_<fx graph>): a recapture compiles nothing in dynamo."""
     from torch._dynamo.utils import counters
-    return int(counters["stats"]["unique_graphs"])
+    graphs = sum(v for k, v in counters["npugraph_ex"].items() if k.startswith(("captured_", "recapture_")))
+    return int(counters["stats"]["unique_graphs"]) + int(graphs)

@@ -2,7 +2,8 @@
 
 What a user gets from plain transformers: every decode step dispatches each operator from Python, so
 on accelerators small models measure mostly dispatch. Loading and quantization live here and are
-shared with the compiled engine (`build`), so both run exactly the same weights.
+shared with the compiled engine (`build`), so both run exactly the same weights. On Ascend the task
+queue mode (asynchronous dispatch) is the load request's, set at load and read back for the record.
 """
 import time
 
@@ -13,6 +14,7 @@ from llmbench.engines import Engine, LoadRequest, greedy
 from llmbench.model.models import load_config, load_model, load_tokenizer
 from llmbench.model.quant import methods as quant
 from llmbench.model.quant.methods import streamed_weight_bytes, weight_bytes
+from llmbench.system.device import set_task_queue
 from llmbench.system.device import synchronize
 from llmbench.system.device import usable_dtypes
 
@@ -32,6 +34,8 @@ def build(req: LoadRequest, name: str, convert=None, quantize=None) -> Engine:
         kernel = quant.KERNELS.get((req.kind, req.quant), "") if req.quant != "none" else f"{req.dtype} matmuls"
     else:
         replaced, kernel = quantize(model, req)
+    layouts = sorted({m.layout for m in model.modules() if getattr(m, "layout", "")})  # e.g. 310P TransData
+    kernel += "".join(f"; {x}" for x in layouts)
     synchronize(req.kind)
     return Engine(
         name=name, model=model, cfg=load_config(req.model), kind=req.kind, dtype=req.dtype, quant=req.quant,
@@ -46,7 +50,10 @@ def build(req: LoadRequest, name: str, convert=None, quantize=None) -> Engine:
 
 def load(req: LoadRequest) -> Engine:
     e = build(req, "eager")
-    e.description = f"transformers {_version()} eager, DynamicCache; {e.description}"
+    tq = ""
+    if req.kind == "npu":
+        tq = f"; task queue mode {set_task_queue(req.task_queue)} (torch.npu.get_task_queue_enable)"
+    e.description = f"transformers {_version()} eager, DynamicCache{tq}; {e.description}"
     return e
 
 

@@ -57,6 +57,11 @@ def _choice(valid):
     return check
 
 
+def _task_queue(name, v):
+    if v not in (0, 1, 2):
+        raise UserError(f"{name}: unknown value {v!r}; valid: 0, 1, 2 (torch.npu.set_task_queue_enable modes)")
+
+
 def _weights(name, v):
     check_weights_path(v)
 
@@ -68,6 +73,7 @@ RULES = {
     "prompt_lens": _positive, "decode_contexts": _positive, "decode_steps": _positive, "gen_new_tokens": _positive,
     "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "prompt_len": _positive,
     "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,
+    "task_queue": _task_queue,
 }
 
 

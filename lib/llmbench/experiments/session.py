@@ -100,7 +100,8 @@ def load(sess: Session, method: str | None = None, max_batch: int = 1, max_seq: 
     method = method or p.get("quant", "none")
     req = engine.LoadRequest(engine=p.get("engine", "eager"), model=p["model"], weights=p["weights"],
                              dtype=p["dtype"], quant=method, kind=sess.kind, seed=p.get("seed", 0),
-                             max_batch=max_batch, max_seq=max_seq, tokens=p.get("tokens", "corpus"))
+                             max_batch=max_batch, max_seq=max_seq, tokens=p.get("tokens", "corpus"),
+                             task_queue=p.get("task_queue", 2))
     try:
         e = engine.load(req)
     except Unsupported as why:

@@ -26,7 +26,9 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """K and V for every position up to max_seq: [batch, kv_heads, max_seq, head_dim]."""
+    """K and V for every position up to max_seq: [batch, kv_heads, max_seq, head_dim], allocated once at
+    the largest batch; a smaller batch uses its first rows (same address: a captured NPU/CUDA graph that
+    mutates the cache stays valid, where a new allocation makes npugraph_ex recapture)."""
 
     def __init__(self, batch: int, max_seq: int, kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -35,9 +37,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, pos, k, v):
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
-        return self.k, self.v
+        b = k.shape[0]
+        kc, vc = self.k[:b], self.v[:b]  # [b, kv_heads, max_seq, head_dim]
+        kc.index_copy_(2, pos, k)
+        vc.index_copy_(2, pos, v)
+        return kc, vc
 
 
 class Attention(nn.Module):
@@ -149,7 +153,9 @@ class Llama(nn.Module):
         return self.lm_head
 
     def setup_caches(self, batch: int, max_seq: int) -> None:
-        """(Re)allocate the static caches; a no-op when they already have this shape."""
+        """Allocate the static caches to hold batch x max_seq; they only grow (a no-op when they already
+        do), so graphs captured on them keep their addresses."""
+        batch, max_seq = max(batch, self.max_batch), max(max_seq, self.max_seq)
         if (batch, max_seq) == (self.max_batch, self.max_seq):
             return
         dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device

@@ -57,6 +57,11 @@ def connect(address: str | None):
     if address and ":" in address and "://" not in address:
         reachable(address)
     kw = {} if address else {"include_dashboard": False}
+    # Worker processes are started by `ray start` with its shell's environment and may import torch before
+    # llmbench (a reused worker): set it there from the start, or torch-npu's autoload entry point makes
+    # `import torch` fail on a node whose CANN is not sourced.
+    kw["runtime_env"] = {"env_vars": {"TORCH_DEVICE_BACKEND_AUTOLOAD":
+                                      os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")}}
     try:  # "local": a new instance, even where `ray start` left a cluster running on this machine
         ray.init(address=address or "local", log_to_driver=False, logging_level="ERROR", **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:

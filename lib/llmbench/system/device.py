@@ -2,7 +2,12 @@
 
 torch_npu is only ever imported here, guarded: without CANN it cannot load, and it cannot share a
 process with a CUDA build of torch. Since torch_npu 2.5.1 torch auto-loads it at `import torch`;
-TORCH_DEVICE_BACKEND_AUTOLOAD=0 turns that off, and then we import it explicitly when probing.
+TORCH_DEVICE_BACKEND_AUTOLOAD=0 (set by llmbench/__init__.py before torch loads) turns that off, and
+then we import it explicitly when probing.
+
+Task queue: torch_npu sets TASK_QUEUE_ENABLE=0 when it is imported under ipykernel (papermill always
+runs one; wheel torch_npu/_init/core/optional_features.py), so the mode is set explicitly once torch_npu
+has loaded (set_task_queue) and read back from torch.npu.get_task_queue_enable(), never from the env var.
 """
 import importlib.util
 import os
@@ -22,10 +27,17 @@ from llmbench.system.npu_chips import chip_supports
 DEVICES = ("auto", "npu", "cuda", "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# torch.npu.set_task_queue_enable modes (torch_npu/npu/utils.py): 0 synchronous dispatch, 1 the default
+# outside interactive shells, 2 "highest throughput, pure-inference only". NPU graph capture refuses 2.
+TASK_QUEUE_MODES = (0, 1, 2)
+TASK_QUEUE_AT_IMPORT = 1  # what a script gets: undoes the 0 torch_npu picks under ipykernel
+_task_queue_set = False
 
 
 def import_torch_npu():
-    """(module, "") when torch_npu imports, else (None, why not)."""
+    """(module, "") when torch_npu imports, else (None, why not). The first successful import sets the
+    task queue mode explicitly (TASK_QUEUE_AT_IMPORT); engines set their own at load."""
+    global _task_queue_set
     if importlib.util.find_spec("torch_npu") is None:
         return None, "torch_npu is not installed"
     try:
@@ -34,7 +46,19 @@ def import_torch_npu():
         hint = "" if torch.version.cuda is None else (
             f" (torch {torch.__version__} is a CUDA build: torch_npu needs the CPU build of torch, see README 'Ascend NPU')")
         return None, f"import torch_npu failed: {type(e).__name__}: {e}{hint}"
+    if not _task_queue_set:
+        _task_queue_set = True
+        set_task_queue(TASK_QUEUE_AT_IMPORT)
     return torch_npu, ""
+
+
+def set_task_queue(mode: int) -> int:
+    """Set torch_npu's task queue mode and return the mode now in effect, as torch_npu reports it
+    (ASCEND_LAUNCH_BLOCKING=1 keeps it at 0 whatever is set). It drains every NPU stream: load time only."""
+    if mode not in TASK_QUEUE_MODES:
+        raise UserError(f"task_queue {mode!r} is not a torch_npu task queue mode; valid: 0, 1, 2")
+    torch.npu.set_task_queue_enable(mode)
+    return int(torch.npu.get_task_queue_enable())
 
 
 def availability(kind: str) -> tuple[bool, str]:
@@ -237,12 +261,14 @@ def _ascend_versions() -> dict:
     """CANN toolkit and driver versions from their install info files, where readable."""
     out = {}
     home = Path(os.environ.get("ASCEND_TOOLKIT_HOME", "/usr/local/Ascend/ascend-toolkit/latest"))
-    for key, path, field in (("cann", home / "version.cfg", r"version=\[?([\w.]+)"),
-                             ("cann", home / "arm64-linux/ascend_toolkit_install.info", r"version=([\w.]+)"),
-                             ("cann", home / "x86_64-linux/ascend_toolkit_install.info", r"version=([\w.]+)"),
-                             ("ascend_driver", Path("/usr/local/Ascend/driver/version.info"), r"Version=([\w.]+)")):
+    # ascend_toolkit_install.info: "version=8.0.0" (its "innerversion=V100R001C20..." is not it).
+    # version.cfg: "toolkit_running_version=[7.6.0.1.220:8.0.0]": the component build, then the CANN release.
+    for key, path, field in (("cann", home / "arm64-linux/ascend_toolkit_install.info", r"^version=([\w.-]+)"),
+                             ("cann", home / "x86_64-linux/ascend_toolkit_install.info", r"^version=([\w.-]+)"),
+                             ("cann", home / "version.cfg", r"^\w*_running_version=\[[^:\]]*:([^\]\s]+)\]"),
+                             ("ascend_driver", Path("/usr/local/Ascend/driver/version.info"), r"^Version=([\w.-]+)")):
         if key not in out and path.is_file():
-            m = re.search(field, path.read_text(errors="replace"))
+            m = re.search(field, path.read_text(errors="replace"), re.M)
             if m:
                 out[key] = m.group(1)
     return out
@@ -299,7 +325,7 @@ def describe(kind: str) -> dict:
 
 def _describe_npu(chip: str) -> dict:
     """torch_npu and CANN versions (CANN pairs with torch_npu), and the settings that decide whether eager
-    decode is launch-bound: TASK_QUEUE_ENABLE (asynchronous dispatch) and the graph backend this chip has."""
+    decode is launch-bound: the task queue mode (asynchronous dispatch) and the graph backend this chip has."""
     torch_npu, _ = import_torch_npu()
     files = _ascend_versions()
     try:
@@ -308,5 +334,9 @@ def _describe_npu(chip: str) -> dict:
         cann, source = files.get("cann", ""), f"toolkit version file (get_cann_version failed: {type(e).__name__})"
     graph, why = chip_supports(chip, "graph")
     return {**files, "torch_npu": getattr(torch_npu, "__version__", "unknown"), "cann": cann, "cann_source": source,
-            "task_queue_enable": os.environ.get("TASK_QUEUE_ENABLE", "unset"),
-            "graph_compile_backend": "npugraph_ex (torch.compile; engine=compiled)" if graph else f"none: {why}"}
+            # the mode in effect now (engines set their own at load and name it in their description);
+            # the env var only says what the process started with (torch_npu rewrites it under ipykernel)
+            "task_queue_enable": int(torch.npu.get_task_queue_enable()),
+            "task_queue_env": os.environ.get("TASK_QUEUE_ENABLE", "unset"),
+            "graph_compile_backend": "npugraph_ex (torch.compile; engine=compiled)" if graph else
+            f"npugraph_ex, tried at load (engine=compiled): {why}"}

@@ -5,8 +5,9 @@ read around a window):
   cuda  NVML's cumulative energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ since the driver
         loaded; Volta and later), through nvidia-ml-py; where a GPU lacks it, NVML's power reading
         (nvmlDeviceGetPowerUsage, mW) sampled and integrated.
-  npu   `npu-smi info -t power -i <id>` prints the power now (no energy counter): sampled at a fixed
-        interval and integrated (trapezoid). npu-smi prints each field as "%-30s : %.1f": "Power
+  npu   `npu-smi info -t power -i <NPU ID> -c <chip>` prints the power now (no energy counter): sampled
+        at a fixed interval and integrated (trapezoid). The NPU ID and chip are npu-smi's own, mapped from
+        the logical device by `npu-smi info -m` (npu_smi.py; LLMBENCH_NPU_SMI_ID overrides). npu-smi prints each field as "%-30s : %.1f": "Power
         Dissipation(W)" for a card, "NPU Real-time Power(W)" for a chip (Ascend's own ais_bench energy
         option parses the first). "Rated Power Dissipation(W)" is a rating, not a reading: refused.
   cpu   RAPL energy_uj counters under /sys/class/powercap (package and DRAM zones), unwrapped at
@@ -28,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from llmbench.core.errors import UserError
+from llmbench.system import npu_smi
 from llmbench.system.device import synchronize
 
 # Seconds between meter readings. NVML and RAPL reads cost microseconds; one npu-smi call is a process.
@@ -128,20 +129,15 @@ def parse_npu_smi_power(text: str) -> float:
     raise ValueError(f"no {' or '.join(NPU_SMI_FIELDS)} line in {text.strip()[:200]!r}")
 
 
-def npu_id() -> str:
-    """The NPU ID npu-smi knows the card by: LLMBENCH_NPU_SMI_ID, else the first visible device, else 0."""
-    nid = os.environ.get("LLMBENCH_NPU_SMI_ID") or (os.environ.get("ASCEND_RT_VISIBLE_DEVICES") or "0").split(",")[0]
-    if not nid.strip().isdigit():
-        raise UserError(f"NPU id {nid!r} (LLMBENCH_NPU_SMI_ID or ASCEND_RT_VISIBLE_DEVICES) is not a number; "
-                        "valid: an NPU ID as `npu-smi info -l` lists it")
-    return nid.strip()
-
-
 def npu_smi_source(interval_s: float) -> Source:
     exe = shutil.which("npu-smi")
     if exe is None:
         raise Unreadable("npu-smi is not on PATH")
-    cmd = [exe, "info", "-t", "power", "-i", npu_id()]
+    try:
+        where = npu_smi.target()
+    except npu_smi.Unmapped as e:
+        raise Unreadable(f"no npu-smi NPU ID for this device: {e}") from None
+    cmd = [exe, "info", "-t", "power", *where.args()]
 
     def read() -> float:
         out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=10)
@@ -152,7 +148,8 @@ def npu_smi_source(interval_s: float) -> Source:
         read()
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         raise Unreadable(f"`npu-smi {' '.join(cmd[1:])}` gave no power reading: {e}") from None
-    return Source(f"npu-smi {' '.join(cmd[1:])} sampled and integrated (trapezoid)", read, False, interval_s)
+    return Source(f"npu-smi {' '.join(cmd[1:])} sampled and integrated (trapezoid); {where.how}", read, False,
+                  interval_s)
 
 
 class RaplCounters:

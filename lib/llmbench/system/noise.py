@@ -22,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmbench.system import npu_smi
+
 TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
@@ -121,15 +123,16 @@ def _nvml_others(since_us: int) -> tuple[list[str], float | None]:
         pynvml.nvmlShutdown()
 
 
-def parse_npu_smi(text: str, npu: int, me: int) -> list[str]:
-    """Other processes on NPU `npu` from the process table of `npu-smi info`.
+def parse_npu_smi(text: str, npu: int, me: int, chip: int | None = None) -> list[str]:
+    """Other processes on NPU ID `npu` (chip `chip`, or any chip when None) from the process table of
+    `npu-smi info`: npu-smi's own ids (npu_smi.target), not the logical device.
 
     Rows look like `| 0       0                 | 48988         | python   | 13330   |` (NPU, chip,
     pid, name, memory MB); in a container a last column gives the pid inside it."""
     out = []
     for m in re.finditer(r"^\|\s*(\d+)\s+(\d+)\s*\|\s*(\d+)\s*\|([^|]*)\|\s*(\d+)\s*\|(?:\s*(\d+)\s*\|)?", text, re.M):
         dev, pid, name, mb, inner = int(m[1]), int(m[3]), m[4].strip(), m[5], m[6]
-        if dev == npu and me not in (pid, int(inner or -1)):
+        if dev == npu and chip in (None, int(m[2])) and me not in (pid, int(inner or -1)):
             out.append(f"pid {pid} {name} ({mb} MB)".replace("  ", " "))
     return out
 
@@ -144,10 +147,11 @@ def device_others(kind: str, since_us: int = 0) -> tuple[list[str] | None, float
             return None, None, f"nvml unavailable ({type(e).__name__})"
     if kind == "npu":
         try:
+            where = npu_smi.target()
             text = subprocess.run(["npu-smi", "info"], capture_output=True, text=True, timeout=20).stdout
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, None, f"npu-smi unavailable ({type(e).__name__})"
-        return parse_npu_smi(text, _visible_index("ASCEND_RT_VISIBLE_DEVICES"), os.getpid()), None, "npu-smi"
+        except (OSError, subprocess.SubprocessError, npu_smi.Unmapped) as e:
+            return None, None, f"npu-smi unavailable ({type(e).__name__}: {str(e)[:160]})"
+        return parse_npu_smi(text, where.npu_id, os.getpid(), where.chip), None, f"npu-smi ({where.how})"
     return [], None, "cpu"
 
 

@@ -32,7 +32,8 @@ GENERATION = {name: gen for gen, names in CHIPS.items() for name in names}
 
 
 # generation -> feature -> "" when documented, else why not. Features: bf16, the three methods, and graph
-# (torch.compile backend npugraph_ex). 310P runs w8a16 in fp16 only (its x and scale must be fp16).
+# (torch.compile backend npugraph_ex: where undocumented it is still tried, since vllm-ascend captures ACL
+# graphs on 310P, and a failed capture is recorded). 310P runs w8a16 in fp16 only (its x and scale must be fp16).
 SUPPORT = {
     "a2": {"bf16": "", "w8a16": "", "w4a16": "", "w8a8": "", "graph": ""},
     "a3": {"bf16": "", "w8a16": "", "w4a16": "", "w8a8": "", "graph": ""},

@@ -6,6 +6,15 @@
 - w8a8:  torch_npu.npu_dynamic_quant(x) -> (int8 x, per-token fp32 scale[M]), then
          torch_npu.npu_quant_matmul(x, weight[K,N] int8, scale[N] fp32, pertoken_scale=..., output_dtype=x.dtype)
 Weights are stored [N, K] and passed transposed, the layout the docs recommend for per-channel.
+x is passed as a contiguous [M, K]: aclnnWeightQuantBatchMatmulV2 takes x only contiguous or as a transpose
+of its last two dims (hicann ops-nn aclnn_weight_quant_batch_matmul_v2.cpp, ContiguousCheck), and the LM head
+gets the last position of every sequence, a strided view at batch > 1.
+
+310P: the op's host code re-lays an ND int8 weight out to FRACTAL_NZ (TransData) on every call (ops-nn,
+TransposeAndTransDataForInputs). torch_npu 2.13's docs say an NZ weight runs in graph mode only, while
+ops-nn's aclnn code and vllm-ascend (which casts every 310P weight to NZ) run it as a single op: whether
+this install takes it is tried once per process (nz_probe); it either casts the weights once at load
+(npu_format_cast(w, 29)) or keeps ND and says in the record that every call includes the TransData.
 
 Both matmuls reject K or N above 65535 ("k,n shouldn't be larger than 65535", CANN
 aclnnWeightQuantBatchMatmulV2; npu_quant_matmul: "the last dim of x1 and x2 must not exceed 65535").
@@ -21,6 +30,8 @@ data/torch_npu_ops.json holds the signatures; data/npu_unverified.yaml what no N
 import torch
 from torch import nn
 
+from llmbench.system.npu_chips import GENERATION, chip_name
+
 MAX_KN = 65535  # K and N limit of npu_weight_quant_batchmatmul and npu_quant_matmul
 CHUNK_ALIGN = 64  # chunk widths are multiples of 64 (int4 packing needs 8; 64 keeps the cube tiles whole)
 
@@ -31,7 +42,43 @@ def _ops():
 
 
 def _flat(x):
-    return x.reshape(-1, x.shape[-1])
+    """[..., K] -> contiguous [M, K]: the kernels refuse a strided x (see the module docstring); a copy
+    only where x was a view (the LM head's last positions at batch > 1, tokens [b, K] from [b, t, K])."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+ACL_FORMAT_FRACTAL_NZ = 29  # torch_npu's acl_format id of FRACTAL_NZ (vllm-ascend ACL_FORMAT_FRACTAL_NZ)
+_nz_probe: dict = {}
+
+
+def nz_probe(device) -> tuple[bool, str]:
+    """(True, "") when npu_weight_quant_batchmatmul runs a FRACTAL_NZ int8 weight here as a single op and
+    matches the ND result, else (False, what happened). Tried once per process, on a 64 x 64 weight."""
+    if "result" not in _nz_probe:
+        ops = _ops()
+        w = (torch.arange(64 * 64, device=device) % 7 - 3).to(torch.int8).reshape(64, 64)  # [N, K]
+        s = torch.ones(64, dtype=torch.float16, device=device)
+        x = torch.ones(1, 64, dtype=torch.float16, device=device)
+        try:
+            nd = ops.npu_weight_quant_batchmatmul(x, w.t(), s)
+            nz = ops.npu_weight_quant_batchmatmul(x, ops.npu_format_cast(w, ACL_FORMAT_FRACTAL_NZ).t(), s)
+            same = torch.equal(nd.cpu(), nz.cpu())  # integer sums below 2048: exact in fp16 in any order
+            _nz_probe["result"] = (True, "") if same else (False, "an NZ weight gave other results than ND")
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            _nz_probe["result"] = (False, f"an NZ weight was refused: {type(e).__name__}: {first}")
+    return _nz_probe["result"]
+
+
+def _weight_layout(q: torch.Tensor, chip_gen: str) -> tuple[torch.Tensor, str]:
+    """An int8 [N, K] weight as the kernel should get it on this chip generation, and the record's words."""
+    if chip_gen != "310p":
+        return q, ""
+    nz, why = nz_probe(q.device)
+    if nz:
+        return _ops().npu_format_cast(q, ACL_FORMAT_FRACTAL_NZ), "310P: int8 weights cast to FRACTAL_NZ once at load"
+    return q, ("310P: ND int8 weights, so every call includes an ND -> FRACTAL_NZ TransData of the weight "
+               f"(aclnnWeightQuantBatchMatmulV2 host code); {why}")
 
 
 def n_chunks(n: int) -> list[tuple[int, int]]:
@@ -84,9 +131,11 @@ class NpuW8A16Linear(nn.Module):
         super().__init__()
         w = lin.weight.detach()
         qs = [int8_per_channel(w[a:b]) for a, b in n_chunks(lin.out_features)]  # per chunk: bounded peak memory
-        _keep(self, "weight", [q for q, _ in qs])
+        gen = GENERATION.get(chip_name(), "")
+        laid = [_weight_layout(q, gen) for q, _ in qs]
+        _keep(self, "weight", [q for q, _ in laid])
         _keep(self, "scale", [s.to(w.dtype) for _, s in qs])  # antiquant scale in the activation dtype
-        self.n_chunks, self.out_features = len(qs), lin.out_features
+        self.n_chunks, self.out_features, self.layout = len(qs), lin.out_features, laid[0][1]
 
     def forward(self, x):
         x2 = _flat(x)
