@@ -191,13 +191,16 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
     """large/small ratio of TTFT per prompt length and TPOT per context (`tokens`), with bootstrap CIs, per
     configuration (every config key but the model): no configuration is dropped. `work ratio` is the
     larger of the FLOPs and bytes ratios of the two records: with a fixed per-step cost on top of a
-    roofline time, the time ratio lies between 1 and it."""
+    roofline time, the time ratio lies between 1 and it. Each side's median MBU and the anomaly flags of
+    the records behind a ratio (`flag`, '' for none) come with it, so no ratio is shown without them."""
+    from .anomalies import flagged_labels, record_flags
     p = pair(df)
     if not p:
         return pd.DataFrame()
     rows = []
     for metric, x in (("ttft", "prompt_len"), ("tpot", "context_len")):
-        d = latency_rows(df, metric)
+        d = latency_rows(df, metric).reset_index(drop=True)
+        flags = record_flags(d)
         keys = config_keys(d, drop=("model", "weights_source"))
         for k, g in d.groupby([*keys, x], dropna=False):
             s, l = g[g.model == p[0]], g[g.model == p[1]]
@@ -207,22 +210,28 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
                     if s.flops.notna().all() and l.flops.notna().all() else float("nan")
                 rows.append({"metric": metric.upper(), **dict(zip(keys, k[:-1])), "tokens": int(k[-1]),
                              p[0]: fmt_time(np.median(pooled(s))), p[1]: fmt_time(np.median(pooled(l))),
-                             "ratio": r, "ci_low": lo, "ci_high": hi, "work ratio": work})
+                             "ratio": r, "ci_low": lo, "ci_high": hi, "work ratio": work,
+                             **{f"{m} MBU": x.mbu.median() if "mbu" in x else float("nan") for m, x in zip(p, (s, l))},
+                             "flag": "; ".join(flagged_labels(g, flags))})
     return pd.DataFrame(rows)
 
 
 def physical_ratios(df: pd.DataFrame) -> pd.DataFrame:
-    """Each large/small latency ratio with the range it can physically take: [1, work ratio]."""
+    """Each large/small latency ratio with its physical floor (`low` = 1: the larger model does more of every
+    kind of work) and the work ratio (`high`), which a ratio may exceed when the larger model reads at a lower
+    rate; `flag` names flagged records behind it, `mbu_small` / `mbu_large` each side's MBU."""
     t = ratio_table(df)
+    cols = ["what", "ratio", "ci_low", "ci_high", "low", "high", "why", "flag", "mbu_small", "mbu_large"]
     if t.empty:
-        return pd.DataFrame(columns=["what", "ratio", "ci_low", "ci_high", "low", "high", "why"])
+        return pd.DataFrame(columns=cols)
+    p = pair(df)
     keys = [k for k in ("engine", "dtype", "quant", "device") if k in t]
     return pd.DataFrame({
-        "what": [f"{r['metric']} {p_[1]}/{p_[0]} at {r['tokens']} tokens, " + " ".join(str(r[k]) for k in keys)
-                 for r in t.to_dict("records") for p_ in [pair(df)]],
+        "what": [f"{r['metric']} {p[1]}/{p[0]} at {r['tokens']} tokens, " + " ".join(str(r[k]) for k in keys)
+                 for r in t.to_dict("records")],
         "ratio": t.ratio, "ci_low": t.ci_low, "ci_high": t.ci_high, "low": 1.0, "high": t["work ratio"],
-        "why": "the larger model does more of every kind of work; with a fixed cost per step the ratio lies "
-               "between 1 and the larger of its FLOPs and bytes ratios"})
+        "why": "the larger model does more of every kind of work, so it cannot take less time than the smaller",
+        "flag": t.flag, "mbu_small": t[f"{p[0]} MBU"], "mbu_large": t[f"{p[1]} MBU"]})[cols]
 
 
 def weight_ratio(small: str, large: str) -> float:
@@ -623,22 +632,26 @@ def summary_text(df, runs, checks, anomalies=None) -> str:
         return "No finished runs: nothing was measured. Run a grid (see the README), then rebuild this report."
     d = runs[0].get("device", {}) if runs else {}
     out = [f"- Measured on **{d.get('device_name')}** ({device_kind(df)}), with {weights_used(df)} weights."]
+    from .anomalies import record_flags
     p, t = pair(df), ratio_table(df)
-    tp_all, tt_all = latency_rows(df, "tpot"), latency_rows(df, "ttft")
+    tp_all, tt_all = latency_rows(df, "tpot").reset_index(drop=True), latency_rows(df, "ttft")
+    flagged = record_flags(tp_all)
     for (m, engine, dtype), tp in tp_all.groupby(["model", "engine", "dtype"]) if len(tp_all) else []:
         r = tp.loc[tp.context_len.idxmin()]
+        flag = " [flagged: see *Anomalies*]" if flagged[r.name] else ""
         tt = tt_all[(tt_all.model == m) & (tt_all.engine == engine) & (tt_all.dtype == dtype)]
         first = ""
         if len(tt):
             f = tt.loc[tt.prompt_len.idxmax()]
             first = f"; first token after {fmt_time(f['median'])} for a {int(f.prompt_len)}-token prompt"
         out.append(f"- {m} ({engine}, {dtype}): {fmt_time(r['median'])} per output token at batch 1 (context "
-                   f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{first}.")
+                   f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{flag}{first}.")
     if p and len(t[t.metric == "TPOT"]):
         for k, g in t[t.metric == "TPOT"].groupby(["engine", "dtype"]):
             r = g.loc[g.tokens.idxmin()]
             out.append(f"- {p[1]}/{p[0]} decode latency ratio ({' '.join(k)}): {fmt_ci(r.ratio, r.ci_low, r.ci_high)} "
-                       f"(weight bytes: {weight_ratio(*p):.2f}).")
+                       f"(weight bytes: {weight_ratio(*p):.2f})"
+                       + (" [rests on a flagged record: see *Anomalies*]." if r.get("flag") else "."))
     for k, v in largest_batch(df).items():
         name = " ".join(map(str, k))
         out.append(f"- {name}: " + (f"largest batch that fits {v['largest_ok']} (batch {v['first_oom']} does not"

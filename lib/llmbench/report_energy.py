@@ -192,11 +192,13 @@ def energy_per_request(claim, ctx):
     out = []
     for eng in sorted({str(k.get("engine")) for k, *_ in found}):
         mine = [(k, r, lo, hi) for k, r, lo, hi in found if str(k.get("engine")) == eng]
-        ok = all((lo if np.isfinite(lo) else r) > 1 for _, r, lo, _ in mine)
+        # every CI above 1 supports, one wholly below 1 contradicts, one holding 1 leaves it open
+        verdict, why = C.all_of([C.ci_verdict(r, lo, hi, 1.0) for _, r, lo, hi in mine])
         value = "; ".join(f"{k.get('dtype')} {k.get('quant')} batch {int(k['batch'])}: 3B/1B J/request "
                           f"{R.fmt_ci(r, lo, hi)}" for k, r, lo, hi in mine)
-        out.append({"engine": eng, "value": value, "verdict": C._verdict(ok), "basis": "measured",
-                    "why": "ratio above 1 (its CI's lower end, where there is one) means the 1B used less energy"})
+        out.append({"engine": eng, "value": value, "verdict": verdict, "basis": "measured",
+                    "why": "; ".join(w for w in ("a ratio above 1 (its whole CI, where there is one) means the 1B "
+                                                 "used less energy", why) if w)})
     return out
 
 
@@ -229,11 +231,26 @@ def quant_energy_gap(claim, ctx):
         why = _no_energy(ctx["df"]) if not ratios else "energy of both models with and without quantization"
         return {"value": "no matched quantized and unquantized energy records", "verdict": C.untestable(why),
                 "basis": "measured", "why": ""}
-    ok = all(q[0] < n[0] for _, _, q, n in pairs)
     value = "; ".join(f"{k.get('dtype')} {k.get('engine')} batch {int(k['batch'])}: 3B/1B J/token {qn} "
                       f"{R.fmt_ci(*q)} vs none {R.fmt_ci(*n)}" for k, qn, q, n in pairs)
-    return {"value": value, "verdict": C._verdict(ok), "basis": "measured",
-            "why": "medians compared at the same dtype, engine and batch"}
+    verdict, why = C.all_of([_narrower(q, n) for _, _, q, n in pairs])
+    return {"value": value, "verdict": verdict, "basis": "measured",
+            "why": "; ".join(w for w in ("the two ratios' CIs compared at the same dtype, engine and batch", why) if w)}
+
+
+def _narrower(q, n) -> tuple[str, str]:
+    """Quantized ratio q against unquantized n, each (ratio, ci_low, ci_high): smaller only if q's CI lies
+    wholly below n's, larger only if wholly above; overlapping CIs cannot tell."""
+    from . import claims as C
+    (qr, qlo, qhi), (nr, nlo, nhi) = q, n
+    if not all(np.isfinite(x) for x in (qlo, qhi, nlo, nhi)):
+        return C._verdict(qr < nr), "no CI (too few samples): medians compared"
+    if qhi < nlo:
+        return C.SUPPORTED, ""
+    if qlo > nhi:
+        return C.CONTRADICTED, ""
+    return (f"{C.INCONCLUSIVE}: CI {qlo:.3g}-{qhi:.3g} (quantized) overlaps CI {nlo:.3g}-{nhi:.3g} (none)",
+            "overlapping CIs support neither a narrower nor a wider gap")
 
 
 CLAIM_CHECKS = {f.__name__: f for f in (energy_per_request, tops_per_watt, quant_energy_gap)}
