@@ -175,8 +175,7 @@ def test_a_dispatch_bound_engine_is_excluded_from_the_ratio_verdict():
                                       f"{C.DISPATCH_MBU:.0%}): its 3B/1B ratio measures the host's per-step dispatch, "
                                       "not the models")
     assert by["compiled"]["verdict"] == "contradicted"  # 1.95x, CI below 2
-    rule = C.check_all(d, R.projection([S, L]), claims=[C.load_claims()[2]])[0]["rule"]
-    assert f"below {C.DISPATCH_MBU:.0%} is dispatch-bound" in rule and "{" not in rule
+    assert "dispatch-bound" in next(c["rule"] for c in C.load_claims() if c["id"] == "latency_ratio")
 
 
 @pytest.mark.parametrize("mbu,judged", [(C.DISPATCH_MBU * 1.05, True), (C.DISPATCH_MBU * 0.95, False)])
