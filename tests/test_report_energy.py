@@ -70,13 +70,13 @@ def test_unreadable_energy_is_said_from_the_records():
     text = RE.text(df)
     assert "not readable** on Some CPU (cpu): " + status in text and "2 energy records say so" in text
     assert RE.table(df).empty and RE.ratio_table(df).empty and RE.figure(df, "unused") is None
-    res = energy_claims.energy_per_request({}, {"df": df, "kind": "cpu", "pair": ("llama-3.2-1b", "llama-3.2-3b")})
+    res = energy_claims.energy_per_request({}, C.ClaimContext(df=df, kind="cpu", pair=("llama-3.2-1b", "llama-3.2-3b")))
     assert res["verdict"] == f"not testable: needs a readable energy meter (here: {status})"
     assert RE.text(pd.DataFrame(columns=list(COLUMNS))).startswith("No energy records")
 
 
 def ctx(df, kind="cuda"):
-    return {"df": df, "kind": kind, "pair": ("llama-3.2-1b", "llama-3.2-3b"), "proj": None}
+    return C.ClaimContext(df=df, kind=kind, pair=("llama-3.2-1b", "llama-3.2-3b"))
 
 
 def test_energy_claims_follow_the_numbers():

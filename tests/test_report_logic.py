@@ -18,10 +18,12 @@ from llmbench.report import figures as F
 from llmbench.report import sections as R
 from llmbench.model.models import load_config
 from llmbench.results.frame import repeats
+from llmbench.results.status import status_lines
 from llmbench.results import ratios
 
 S, L = "llama-3.2-1b", "llama-3.2-3b"
 BW = 200e9  # bytes/s of the planted machine
+CEILING = 250e9  # bytes/s its 00_device read probe measured: above BW, so no planted step beats its own bound
 FIXED = 0.017  # s per step
 
 
@@ -45,7 +47,7 @@ def tpot(model, engine="eager", context=128, fixed=FIXED, bw=BW, dtype="fp32"):
     nbytes = cm.decode_bytes(cfg, cm.dense_weight_bytes(cfg, 4), 1, context, dtype)
     t = fixed + nbytes / bw
     return rec("tpot", t, model, engine=engine, context_len=context, prompt_len=context, bytes=nbytes,
-               flops=cm.decode_flops(cfg, 1, context), bound_s=nbytes / 60e9, mbu=nbytes / t / 60e9)
+               flops=cm.decode_flops(cfg, 1, context), bound_s=nbytes / CEILING, mbu=nbytes / t / CEILING)
 
 
 def ttft(model, prompt, t, engine="eager", spread=0.01):
@@ -166,7 +168,7 @@ def test_a_claimed_rate_above_the_devices_bound_is_contradicted_by_a_physical_bo
 def test_not_testable_names_the_missing_input():
     robust = _claim(check="quant_robustness", device="any")
     gain = _claim(check="quant_speedup", device="any", range=[2.0, 4.0])
-    d = pd.concat([study(), frame([{**tpot(S, context=64), "quant": "w8a8", "median": 0.02},
+    d = pd.concat([study(), frame([{**tpot(S, context=64), "quant": "w8a8", "median": 0.03},
                                    rec("kl_mean", 1e-3, S, quant="w8a8", unit="nats", experiment="fidelity")])])
     out = check_all(d, R.projection([S, L]), claims=[robust, gain])
     assert "real weights" in out[0]["verdict"]
@@ -175,8 +177,8 @@ def test_not_testable_names_the_missing_input():
 
 def test_quant_gain_is_judged_against_16_bit_when_it_ran():
     gain = _claim(check="quant_speedup", device="any", range=[2.0, 4.0])
-    rows = [{**tpot(S), "dtype": "bf16", "median": 0.030, "samples": [0.030] * 5},
-            {**tpot(S), "dtype": "bf16", "quant": "w8a16", "median": 0.010, "samples": [0.010] * 5}]
+    rows = [{**tpot(S), "dtype": "bf16", "median": 0.090, "samples": [0.090] * 5},
+            {**tpot(S), "dtype": "bf16", "quant": "w8a16", "median": 0.030, "samples": [0.030] * 5}]
     out = check_all(frame(rows), R.projection([S, L]), claims=[gain])[0]
     assert out["verdict"] == "supported" and "3" in out["why"]
 
@@ -244,7 +246,7 @@ def test_llmbench_status_lists_the_anomalies_of_a_grid_folder(tmp_path):
     d = frame([ttft(S, 16, 0.200), ttft(S, 128, 0.050)]).drop(columns=["study"])  # as written before that column
     d.to_parquet(run / "records.parquet", index=False)
     write_json({"run_id": "01_latency-x", "notebook": "01_latency", "status": "ok", "grid": "t"}, run / "run.json")
-    lines = A.status_lines(tmp_path)
+    lines = status_lines(tmp_path)
     assert len(lines) == 1 and lines[0].startswith("anomaly  TTFT falls with prompt length")
 
 

@@ -68,7 +68,7 @@ def cmd_run(args) -> int:
 
 def cmd_status(args) -> int:
     from llmbench.orchestration.runner import status
-    from llmbench.results.anomalies import status_lines
+    from llmbench.results.status import status_lines
     return status(args.grid, runs_root=args.runs, checks=status_lines)
 
 

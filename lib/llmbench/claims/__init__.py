@@ -4,17 +4,21 @@ checks.py holds the latency, throughput, memory, quantization and device checks 
 vocabulary; energy.py the energy claims; vocabulary.py the tokenizer claim. CHECKS merges them.
 """
 from llmbench.claims.checks import CHECKS as _RECORD_CHECKS
-from llmbench.claims.checks import load_claims
+from llmbench.claims.checks import ClaimContext, load_claims
 from llmbench.claims.energy import CLAIM_CHECKS as _ENERGY_CHECKS
 from llmbench.claims.vocabulary import vocabulary_claim
-from llmbench.results import frame
+from llmbench.results import anomalies, frame
 
 CHECKS = {**_RECORD_CHECKS, **_ENERGY_CHECKS, "vocabulary_claim": vocabulary_claim}
 
 
 def check_all(df, proj, claims=None) -> list[dict]:
     """One row per claim (per engine for the ratio claims): claim, rule, value, verdict, basis, why."""
-    ctx = {"df": df, "kind": frame.device_kind(df), "pair": frame.pair(df), "proj": proj}
+    # every check sees only unflagged records in ctx.df; ctx.all and ctx.flags let it name the rest
+    df = df.reset_index(drop=True)  # one label per record, so a selection finds its flags
+    flags = anomalies.record_flags(df)
+    ctx = ClaimContext(df=df[flags == ""], kind=frame.device_kind(df), pair=frame.pair(df), proj=proj, all=df,
+                       flags=flags)
     out = []
     for claim in claims or load_claims():
         res = CHECKS[claim["check"]](claim, ctx)

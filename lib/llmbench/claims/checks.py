@@ -6,11 +6,19 @@ shown in the report's table. CHECKS maps a claim's `check` name to a function be
 - supported / contradicted: the rule applied to measured (or derived) numbers;
 - contradicted by a physical bound: the claimed speed exceeds what the device's published peak
   allows under the most generous reading of the claim, so no measurement is needed;
-- not testable: needs <input>: the missing input is named (an Ascend 910, real weights, a 16-bit run).
+- not testable: needs <input>: the missing input is named (an Ascend 910, real weights, a 16-bit run);
+- inconclusive: CI a-b ...: a ratio's 95% CI straddles a bound of the claimed range (or is wider than
+  the range): supported needs the CI inside the range, contradicted needs it wholly outside;
+- not judged: <why>: the value would rest on a record the anomaly checks flag (faster than its lower
+  bound, MBU above 100%, a ratio below 1) and no unflagged record answers the claim, or the engine is
+  dispatch-bound (decode MBU below DISPATCH_MBU), so its 3B/1B ratio measures the host, not the models.
 `basis` says where the value came from: measured (these runs), derived (cost model on the exact
 configs), bound (cost model on a published spec), or published.
 """
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
 import yaml
 
 from llmbench.core import paths
@@ -19,13 +27,31 @@ from llmbench.measure.ceilings import load_specs
 from llmbench.model import costmodel as cm
 from llmbench.model.models import describe_model, load_config
 from llmbench.results import fmt, frame, ratios
+from llmbench.results import anomalies as A
 
 SUPPORTED, CONTRADICTED = "supported", "contradicted"
 BOUND = "contradicted by a physical bound"
 UNTESTABLE = "not testable"
+INCONCLUSIVE = "inconclusive"
+NOT_JUDGED = "not judged"
+# Decode MBU below this: the step time is the host's per-step dispatch, not the model's bytes (an H200 ran
+# eager decode at 4% and 8% for 1B and 3B; FACTS section 9), so that engine's 3B/1B ratio says nothing of
+# the models. The verdict states it; data/claims.yaml's rules refer to it without repeating the number.
+DISPATCH_MBU = 0.15
 MODELS = ("llama-3.2-1b", "llama-3.2-3b")
 SIXTEEN = ("bf16", "fp16")
 
+
+
+@dataclass(frozen=True)
+class ClaimContext:
+    """What every claim check reads (claims.check_all builds it)."""
+    df: pd.DataFrame                  # the records a verdict may rest on: the unflagged ones
+    kind: str                         # the records' device kind: npu | cuda | cpu
+    pair: tuple | None                # (small, large) model names both measured, else None
+    proj: pd.DataFrame | None = None  # the cost model's projection (report.sections.projection)
+    all: pd.DataFrame | None = None   # every record, flagged ones included (None: df is all of them)
+    flags: pd.Series | None = None    # why each record of `all` is flagged ('' for none)
 
 def untestable(needs: str) -> str:
     return f"{UNTESTABLE}: needs {needs}"
@@ -43,19 +69,75 @@ def _inside(x, lo, hi) -> bool:
     return lo <= x <= hi
 
 
-def _ci_inside(r, lo_ci, hi_ci, lo, hi) -> str:
-    """A ratio with a CI against a claimed range: supported if the CI overlaps it, else contradicted."""
-    lo_ci = lo_ci if np.isfinite(lo_ci) else r
-    hi_ci = hi_ci if np.isfinite(hi_ci) else r
-    return _verdict(hi_ci >= lo and lo_ci <= hi)
+def ci_verdict(r, lo_ci, hi_ci, lo, hi=float("inf")) -> tuple[str, str]:
+    """(verdict, why) of a ratio with a 95% CI against a claimed range [lo, hi] (hi = inf: "above lo").
+    Supported only if the CI lies inside the range, contradicted only if it lies wholly outside; a CI that
+    straddles a bound is inconclusive (a CI wider than the range always does, unless it lies outside)."""
+    if lo_ci is None or not (np.isfinite(lo_ci) and np.isfinite(hi_ci)):
+        return _verdict(_inside(r, lo, hi)), "no CI (too few samples): judged on the median alone"
+    if lo <= lo_ci and hi_ci <= hi:
+        return SUPPORTED, ""
+    if hi_ci < lo or lo_ci > hi:
+        return CONTRADICTED, ""
+    reasons = [f"is wider than the claimed range {lo:g}-{hi:g}"] if np.isfinite(hi) and hi_ci - lo_ci > hi - lo else []
+    straddled = [b for b, inside in ((lo, lo_ci < lo <= hi_ci), (hi, lo_ci <= hi < hi_ci)) if np.isfinite(b) and inside]
+    reasons.append(f"straddles the claimed bound{'s' if len(straddled) > 1 else ''} "
+                   + " and ".join(f"{b:g}" for b in straddled))
+    return (f"{INCONCLUSIVE}: CI {lo_ci:.3g}-{hi_ci:.3g} " + " and ".join(reasons),
+            "the CI holds values on both sides of a bound, so these samples support neither verdict")
+
+
+def all_of(verdicts: list[tuple[str, str]]) -> tuple[str, str]:
+    """One (verdict, why) for a claim that must hold at every point: contradicted if any point is, supported
+    if all are, else the first inconclusive one."""
+    for want in (CONTRADICTED, INCONCLUSIVE):
+        hit = [v for v in verdicts if v[0].startswith(want)]
+        if hit:
+            return hit[0]
+    return SUPPORTED, next((w for _, w in verdicts if w), "")
+
+
+def not_judged(why: str) -> str:
+    return f"{NOT_JUDGED}: {why}"
+
+
+def _all(ctx) -> pd.DataFrame:
+    """Every record, flagged ones included (ctx.df holds only the unflagged ones)."""
+    return ctx.df if ctx.all is None else ctx.all
+
+
+def _flagged(ctx, sel) -> list[str]:
+    """'<record> is flagged (<why>)' for the flagged records of a selection of _all(ctx)."""
+    return A.flagged_labels(sel, ctx.flags) if ctx.flags is not None else []
+
+
+def _excluded(labels: list[str], shown=2) -> str:
+    if not labels:
+        return ""
+    more = f" and {len(labels) - shown} more" if len(labels) > shown else ""
+    return "; not counted: " + "; ".join(labels[:shown]) + more
+
+
+def _dispatch_bound(mbus: dict) -> str:
+    """'' unless a side's decode MBU is below DISPATCH_MBU: then why the ratio measures the host."""
+    low = {m: v for m, v in mbus.items() if v is not None and np.isfinite(v)}
+    if not low or min(low.values()) >= DISPATCH_MBU:
+        return ""
+    return ("dispatch-bound (decode MBU " + ", ".join(f"{m} {v:.0%}" for m, v in low.items())
+            + f"; below {DISPATCH_MBU:.0%}): its 3B/1B ratio measures the host's per-step dispatch, not the models")
+
+
+def _keyed(t: pd.DataFrame, keys) -> pd.Series:
+    """One string per row for its configuration (NaN-safe: groupby keys compare by their text)."""
+    return t[keys].astype(str).agg("|".join, axis=1) if len(t) else pd.Series([], dtype=str)
 
 
 def _has_pair(ctx) -> bool:
-    return ctx["pair"] == MODELS
+    return ctx.pair == MODELS
 
 
 def _npu_needed(ctx) -> str:
-    return untestable(f"an Ascend NPU (the claim is about one; these runs are on {ctx['kind']})")
+    return untestable(f"an Ascend NPU (the claim is about one; these runs are on {ctx.kind})")
 
 
 def _not_here(ctx, value: str, why="") -> dict:
@@ -73,60 +155,99 @@ def flops_per_token(claim, ctx):
             "why": "the seed counts N FLOPs per token; a multiply-add is 2 FLOPs, so a forward pass is 2N"}
 
 
-def _best_tpot(ctx, quantized: bool) -> dict:
-    d = frame.ok(ctx["df"], metric="tpot", batch=1)
+def _best_tpot(ctx, quantized: bool, df=None) -> dict:
+    d = frame.ok(ctx.df if df is None else df, metric="tpot", batch=1)
     d = d[d.quant != "none"] if quantized else d
     return {m: d[d.model == m]["median"].min() for m in MODELS if (d.model == m).any()}
 
 
 def _bound_tpot(ctx, model) -> float:
-    p = ctx["proj"]
-    p = p[(p.model == model) & (p._key == ctx.get("spec", "ascend-910a"))] if len(p) else p
+    p = ctx.proj
+    p = p[(p.model == model) & (p._key == "ascend-910a")] if len(p) else p
     return float(p._tpot_s.min()) if len(p) else float("nan")
 
 
 def latency_range(claim, ctx):
     best = _best_tpot(ctx, quantized=True)
-    here = ", ".join(f"{m}: {fmt.fmt_time(v)}" for m, v in best.items()) or "no quantized TPOT measured"
+    here = ", ".join(f"{m}: {fmt.fmt_time(v)}" for m, v in best.items()) or "no unflagged quantized TPOT measured"
+    q = frame.ok(_all(ctx), metric="tpot", batch=1)
+    flagged = _flagged(ctx, q[q.quant != "none"])
     rng = claim["range"]
     bounds = {m: _bound_tpot(ctx, m) for m in MODELS}
     bound_txt = ", ".join(f"{m} {fmt.fmt_time(b)}" for m, b in bounds.items())
     # a claimed latency below the projection's lower bound (the fastest it can be) is impossible
     below = [m for m, r in zip(MODELS, ("small", "large")) if np.isfinite(bounds[m]) and rng[r][1] < bounds[m]]
-    value = f"best quantized TPOT here: {here}; lower bounds on an Ascend 910 (int8 weights): {bound_txt}"
+    value = (f"best quantized TPOT here: {here}{_excluded(flagged)}; lower bounds on an Ascend 910 (int8 weights): "
+             f"{bound_txt}")
     if below:
         return {"value": value, "verdict": BOUND, "basis": "bound (published spec)",
                 "why": f"the whole claimed range lies below the lower bound for {', '.join(below)}"}
-    if ctx["kind"] != "npu":
+    if ctx.kind != "npu":
         return _not_here(ctx, value, "the claimed range is above the lower bound, so only a measurement can judge it")
     if len(best) < 2:
-        return {"value": here, "verdict": untestable("a quantized TPOT of both models"), "basis": "measured", "why": ""}
+        verdict = not_judged(flagged[0]) if flagged and len(_best_tpot(ctx, True, _all(ctx))) == 2 \
+            else untestable("a quantized TPOT of both models")
+        return {"value": value, "verdict": verdict, "basis": "measured", "why": ""}
     ok = _inside(best[MODELS[0]], *rng["small"]) and _inside(best[MODELS[1]], *rng["large"])
     return {"value": value, "verdict": _verdict(ok), "basis": "measured", "why": ""}
 
 
-def _ratio_rows(ctx, metric="TPOT"):
-    t = ratios.ratio_table(ctx["df"])
+def _ratio_rows(ctx, metric="TPOT", df=None):
+    t = ratios.ratio_table(ctx.df if df is None else df)
     return t[t.metric == metric] if len(t) else t
 
 
 def tpot_ratio(claim, ctx):
-    """One verdict per engine (and dtype): the ratio depends on how much of a step is fixed cost."""
-    t = _ratio_rows(ctx)
+    """One verdict per engine (and dtype): the ratio depends on how much of a step is fixed cost. The ratio
+    at the smallest context whose records are unflagged and not below 1 decides, by its CI; a dispatch-bound
+    engine is not judged."""
+    t = _ratio_rows(ctx, df=_all(ctx))
     if not _has_pair(ctx) or t.empty:
         return {"value": "no TPOT of both 1B and 3B", "verdict": untestable("batch-1 TPOT of both models"),
                 "basis": "measured", "why": ""}
     lo, hi = claim["range"]
+    keys = [k for k in ("engine", "dtype", "quant") if k in t]
+    clean = _ratio_rows(ctx) if (t.flag != "").any() and ctx.flags is not None else t
+    clean = clean[clean.flag == ""] if len(clean) else clean
+    ck = _keyed(clean, keys)
     out = []
-    for _, g in t.groupby([k for k in ("engine", "dtype", "quant") if k in t], dropna=False):
-        r = g.loc[g.tokens.idxmin()]
+    for _, g in t.groupby(keys, dropna=False):
+        first = g.loc[g.tokens.idxmin()]
+        cand = clean[ck == _keyed(g.iloc[:1], keys).iat[0]].sort_values("tokens") if len(clean) else clean
+        hi_ci = cand.ci_high.where(np.isfinite(cand.ci_high), cand.ratio) if len(cand) else cand
+        below = cand[hi_ci < 1] if len(cand) else cand
+        cand = cand[hi_ci >= 1] if len(cand) else cand
+        r = cand.iloc[0] if len(cand) else first
         value = (f"3B/1B TPOT = {fmt.fmt_ci(r.ratio, r.ci_low, r.ci_high)} ({r.get('engine', 'eager')}, {r['dtype']}, "
                  f"context {int(r['tokens'])}); weight-bytes ratio {ratios.weight_ratio(*MODELS):.2f}")
-        if claim["device"] == "npu" and ctx["kind"] != "npu":
+        mbus = {m: r.get(f"{m} MBU", float("nan")) for m in MODELS}
+        if all(np.isfinite(v) for v in mbus.values()):
+            value += "; decode MBU " + ", ".join(f"{m} {v:.0%}" for m, v in mbus.items())
+        skipped = []
+        if first.flag:
+            skipped.append(first.flag)
+        skipped += [f"the 3B/1B TPOT ratio at context {int(b.tokens)} is flagged "
+                    f"({fmt.fmt_ci(b.ratio, b.ci_low, b.ci_high)} below 1: the larger model cannot take less time)"
+                    for b in below.itertuples() if b.tokens <= r.tokens]
+        if not len(cand):
+            value += " [flagged: see verdict]"
+        if claim["device"] == "npu" and ctx.kind != "npu":
             res = _not_here(ctx, value)
+        elif not len(cand):
+            res = {"value": value, "verdict": not_judged("; ".join(skipped)), "basis": "measured",
+                   "why": "no unflagged record of this engine answers the claim"}
+        elif _dispatch_bound(mbus):
+            res = {"value": value, "verdict": not_judged(f"{r.get('engine', 'eager')} ({r['dtype']}) is "
+                                                         + _dispatch_bound(mbus)),
+                   "basis": "measured", "why": "excluded from ratio verdicts about the models"}
         else:
-            res = {"value": value, "verdict": _ci_inside(r.ratio, r.ci_low, r.ci_high, lo, hi), "basis": "measured",
-                   "why": ""}
+            verdict, why = ci_verdict(r.ratio, r.ci_low, r.ci_high, lo, hi)
+            notes = [w for w in (why, A.ratio_note(r.ratio, r.ci_low, r.ci_high, r["work ratio"], *mbus.values()))
+                     if w]
+            if skipped:
+                notes.append(f"judged at context {int(r.tokens)}, the smallest whose records are unflagged: "
+                             + "; ".join(skipped))
+            res = {"value": value, "verdict": verdict, "basis": "measured", "why": "; ".join(notes)}
         out.append({**res, "engine": r.get("engine")})
     return out
 
@@ -148,7 +269,8 @@ def _request_bounds(model, spec_key, prompt, new, batch) -> dict:
 def throughput_range(claim, ctx):
     """A claimed rate above the device's upper bound is contradicted without a measurement. The verdict uses
     the reading named in the claim's rule; the other reading is shown beside it."""
-    d = frame.ok(ctx["df"], study="batch_sweep", metric="requests_per_s")
+    d = frame.ok(ctx.df, study="batch_sweep", metric="requests_per_s")
+    flagged = _flagged(ctx, frame.ok(_all(ctx), study="batch_sweep", metric="requests_per_s"))
     here = ", ".join(f"{m}: {d[d.model == m]['median'].max():.3g} requests/s" for m in MODELS if (d.model == m).any())
     req, reading, spec = claim["request"], claim["reading"], claim.get("spec", "ascend-910a")
     parts, impossible = [], []
@@ -160,37 +282,67 @@ def throughput_range(claim, ctx):
         if claim["range"][r][0] > b[reading]:
             impossible.append(m)
     value = (f"Upper bounds on the {load_specs()[spec]['name']} (int8 peak and int8 weights): " + "; ".join(parts)
-             + f". Best here: {here or 'none'}.")
+             + f". Best here: {here or 'none unflagged'}{_excluded(flagged)}.")
     if impossible:
         return {"value": value, "verdict": BOUND, "basis": "bound (published spec)",
                 "why": f"the claimed range's low end exceeds the '{reading}' bound for {', '.join(impossible)}"}
-    if ctx["kind"] != "npu":
+    if ctx.kind != "npu":
         return _not_here(ctx, value, "the claimed range is within the bound, so only a measurement can judge it")
+    if flagged and not all((d.model == m).any() for m in MODELS):
+        return {"value": value, "verdict": not_judged(flagged[0]), "basis": "measured",
+                "why": "no unflagged record answers the claim"}
     ok = all((d.model == m).any() and _inside(d[d.model == m]["median"].max(), *claim["range"][r])
              for m, r in zip(MODELS, ("small", "large")))
     return {"value": value, "verdict": _verdict(ok), "basis": "measured", "why": ""}
 
 
 def throughput_ratio(claim, ctx):
-    d = frame.ok(ctx["df"], study="batch_sweep", quant="none")
-    metric = "decode_tokens_per_s" if (d.metric == "decode_tokens_per_s").any() else "tokens_per_s"
-    d = d[d.metric == metric]
-    if not _has_pair(ctx) or d.empty:
+    """1B/3B decode tokens/s per engine and dtype at the largest batch both models ran with unflagged records,
+    judged by its CI; a dispatch-bound step there (decode MBU below DISPATCH_MBU) is not judged."""
+    a = frame.ok(_all(ctx), study="batch_sweep", quant="none")
+    metric = "decode_tokens_per_s" if (a.metric == "decode_tokens_per_s").any() else "tokens_per_s"
+    a = a[a.metric == metric]
+    if not _has_pair(ctx) or a.empty:
         return {"value": "no batch sweep of both models", "verdict": untestable("a batch sweep of both models"),
                 "basis": "measured", "why": ""}
+    d = frame.ok(ctx.df, study="batch_sweep", quant="none")
+    steps, d = d[d.metric == A.DERIVED_FROM[metric]], d[d.metric == metric]  # the step times behind tokens/s
+    keys = [k for k in ("engine", "dtype") if k in a]
+    dk, sk = _keyed(d, keys), _keyed(steps, keys)
+    lo_c, hi_c = claim["range"]
     out = []
-    for key, g in d.groupby([k for k in ("engine", "dtype") if k in d], dropna=False):
-        common = set(g[g.model == MODELS[0]].batch) & set(g[g.model == MODELS[1]].batch)
-        if not common:
+    for key, ga in a.groupby(keys, dropna=False):
+        name = " ".join(map(str, key if isinstance(key, tuple) else (key,)))
+        engine = ga.engine.iat[0] if "engine" in ga else None
+        k = _keyed(ga.iloc[:1], keys).iat[0]
+        g, st = (d[dk == k] if len(d) else d), (steps[sk == k] if len(steps) else steps)
+        common = set.intersection(*(set(g[g.model == m].batch) for m in MODELS))  # unflagged
+        common_all = set.intersection(*(set(ga[ga.model == m].batch) for m in MODELS))
+        if not common_all:
             continue
-        b = max(common)
-        s, l = (frame.repeats(g[(g.model == m) & (g.batch == b)]) for m in MODELS)
-        r, lo, hi = ratio_of_medians(l, s)
-        lo_c, hi_c = claim["range"]
-        out.append({"value": f"1B/3B {metric.replace('_', ' ')} at batch {int(b)}: {fmt.fmt_ci(r, lo, hi)} "
-                             f"({' '.join(map(str, key if isinstance(key, tuple) else (key,)))})",
-                    "verdict": _ci_inside(r, lo, hi, lo_c, hi_c), "basis": "measured", "why": "",
-                    "engine": g.engine.iat[0] if "engine" in g else None})
+        b = max(common or common_all)
+        src = g if common else ga
+        l, s = (frame.repeats(src[(src.model == m) & (src.batch == b)]) for m in (MODELS[1], MODELS[0]))
+        r, lo, hi = ratio_of_medians(l, s)  # median(s) / median(l): 1B over 3B tokens/s
+        value = f"1B/3B {metric.replace('_', ' ')} at batch {int(b)}: {fmt.fmt_ci(r, lo, hi)} ({name})"
+        mbus = {m: st[(st.model == m) & (st.batch == b)].mbu.median() if len(st) else float("nan") for m in MODELS}
+        skipped = _flagged(ctx, ga[ga.batch > b] if common else ga[ga.batch == b])
+        if not common:
+            res = {"value": value + " [flagged: see verdict]", "verdict": not_judged("; ".join(skipped[:2])),
+                   "why": "no unflagged record of this engine answers the claim"}
+        elif (hi if np.isfinite(hi) else r) < 1:
+            res = {"value": value, "verdict": not_judged(f"the 1B/3B ratio at batch {int(b)} is flagged (below 1: the "
+                                                         "larger model cannot decode faster)"), "why": ""}
+        elif _dispatch_bound(mbus):
+            res = {"value": value, "verdict": not_judged(f"{name} is " + _dispatch_bound(mbus)),
+                   "why": "excluded from ratio verdicts about the models"}
+        else:
+            verdict, why = ci_verdict(r, lo, hi, lo_c, hi_c)
+            if skipped:
+                why = "; ".join(w for w in (why, f"judged at batch {int(b)}, the largest whose records are "
+                                                 "unflagged: " + "; ".join(skipped[:2])) if w)
+            res = {"value": value, "verdict": verdict, "why": why}
+        out.append({**res, "basis": "measured", "engine": engine})
     return out or {"value": "no batch size ran for both models", "verdict": untestable("a batch that ran for both models"),
                    "basis": "measured", "why": ""}
 
@@ -198,7 +350,7 @@ def throughput_ratio(claim, ctx):
 def memory_range(claim, ctx):
     rng = claim["range"]
     derived = {m: cm.dense_weight_bytes(load_config(m), 2) for m in MODELS}
-    peak = frame.ok(ctx["df"], study="latency", metric="peak_memory", quant="none")
+    peak = frame.ok(ctx.df, study="latency", metric="peak_memory", quant="none")
     here = "; ".join(f"{m} {dt}: peak {fmt.fmt_gb(g['median'].max())}"
                      for (m, dt), g in peak.groupby(["model", "dtype"]) if m in MODELS)
     ok = all(_inside(derived[m], *rng[r]) for m, r in zip(MODELS, ("small", "large")))
@@ -208,7 +360,7 @@ def memory_range(claim, ctx):
 
 
 def memory_ratio(claim, ctx):
-    peak = frame.ok(ctx["df"], metric="peak_memory", quant="none", batch=1)
+    peak = frame.ok(ctx.df, metric="peak_memory", quant="none", batch=1)
     lo, hi = claim["range"]
     rows = []
     for key, g in peak.groupby([k for k in ("engine", "dtype", "experiment", "prompt_len", "context_len") if k in peak],
@@ -228,10 +380,10 @@ def memory_ratio(claim, ctx):
             "why": ""}
 
 
-def _speedups(ctx):
+def _speedups(ctx, df=None):
     """Per model and int8/int4 method: TPOT speed-up against the 16-bit and the fp32 baselines, where both
     exist (same model and engine, batch 1, smallest context)."""
-    d = frame.ok(ctx["df"], metric="tpot", batch=1)
+    d = frame.ok(ctx.df if df is None else df, metric="tpot", batch=1)
     out = []
     for (model, engine), g in d.groupby(["model", "engine"]) if "engine" in d else d.groupby(["model", d.model]):
         base = {dt: g[(g.quant == "none") & (g.dtype == dt)] for dt in ("fp32", *SIXTEEN)}
@@ -249,25 +401,31 @@ def _speedups(ctx):
 def quant_speedup(claim, ctx):
     lo, hi = claim["range"]
     rows = _speedups(ctx)
+    flagged = _flagged(ctx, frame.ok(_all(ctx), metric="tpot", batch=1))
     if not rows:
+        if flagged and _speedups(ctx, _all(ctx)):
+            return {"value": "every quantized speed-up rests on a flagged record [flagged: see verdict]",
+                    "verdict": not_judged(flagged[0]), "basis": "measured", "why": ""}
         return {"value": "no quantized TPOT measured", "verdict": untestable("a quantized run"), "basis": "measured",
                 "why": ""}
     def txt(r):
         parts = [f"{fmt.fmt_ci(*r[b])}x vs {b}" for b in ("bf16", "fp16", "fp32") if b in r]
         return f"{r['model']} {r['method']} ({r['engine']}): " + ", ".join(parts)
-    value = "; ".join(txt(r) for r in rows)
+    value = "; ".join(txt(r) for r in rows) + _excluded(flagged)
     sixteen = [r for r in rows if any(b in r for b in SIXTEEN)]
     if not sixteen:
         return {"value": value, "verdict": untestable("a 16-bit baseline on this device (the seed reasons from FP16; "
                                                        "only fp32 ran here, so the speed-ups above are against fp32)"),
                 "basis": "measured", "why": ""}
-    best = max(max(r[b][0] for b in SIXTEEN if b in r) for r in sixteen)
-    return {"value": value, "verdict": _verdict(_inside(best, lo, hi)), "basis": "measured",
-            "why": f"best speed-up against 16-bit: {best:.2f}x"}
+    best = max((r[b] for r in sixteen for b in SIXTEEN if b in r), key=lambda x: x[0])  # (ratio, ci_low, ci_high)
+    verdict, why = ci_verdict(*best, lo, hi)
+    return {"value": value, "verdict": verdict, "basis": "measured",
+            "why": "; ".join(w for w in (f"best speed-up against 16-bit: {fmt.fmt_ci(*best, fmt=lambda x: f'{x:.2f}')}x",
+                                         why) if w)}
 
 
 def quant_robustness(claim, ctx):
-    d = frame.ok(ctx["df"], metric="kl_mean")
+    d = frame.ok(ctx.df, metric="kl_mean")
     if d.empty or set(d.weights) != {"real"}:
         return {"value": "fidelity measured on synthetic weights only" if len(d) else "no fidelity records",
                 "verdict": untestable("real weights of both models (random weights have no outlier channels, which "
@@ -280,25 +438,35 @@ def quant_robustness(claim, ctx):
 
 
 def utilization(claim, ctx):
-    d = frame.ok(ctx["df"], study="latency", quant="none")
+    """The best decode MBU and prefill MFU of unflagged records; a flagged record's figure (MBU above 100%)
+    is shown only beside its flag."""
+    d = frame.ok(ctx.df, study="latency", quant="none")
+    a = frame.ok(_all(ctx), study="latency", quant="none")
+    flagged = _flagged(ctx, a[a.metric.isin(["tpot", "ttft"])])
     mbu = d[d.metric == "tpot"].mbu.max()
     mfu = d[d.metric == "ttft"].mfu.max()
-    value = f"best decode MBU {mbu:.1%}, best prefill MFU {mfu:.1%} (against this device's measured ceilings)"
-    if ctx["kind"] != "npu":
+    pct = [f"{x:.1%}" if np.isfinite(x) else "n/a (no unflagged record)" for x in (mbu, mfu)]
+    value = (f"best decode MBU {pct[0]}, best prefill MFU {pct[1]} (against this device's measured ceilings)"
+             + _excluded(flagged))
+    if ctx.kind != "npu":
         return _not_here(ctx, value)
-    return {"value": value, "verdict": _verdict(_inside(max(mbu, mfu), *claim["range"])), "basis": "measured", "why": ""}
+    best = [x for x in (mbu, mfu) if np.isfinite(x)]
+    if not best:
+        verdict = not_judged(flagged[0]) if flagged else untestable("a decode or prefill record with MBU/MFU")
+        return {"value": value, "verdict": verdict, "basis": "measured", "why": ""}
+    return {"value": value, "verdict": _verdict(_inside(max(best), *claim["range"])), "basis": "measured", "why": ""}
 
 
 def device_peak(claim, ctx):
     spec = load_specs()[claim["spec"]]
     pub = spec["peak_TFLOPS"]["fp16"]
-    c = frame.ok(ctx["df"], experiment="ceiling", metric="matmul_throughput", dtype="fp16")
-    if ctx["kind"] == "npu" and len(c) and "910a" in str(c.device_name.iat[0]).lower().replace(" ", ""):
+    c = frame.ok(ctx.df, experiment="ceiling", metric="matmul_throughput", dtype="fp16")
+    if ctx.kind == "npu" and len(c) and "910a" in str(c.device_name.iat[0]).lower().replace(" ", ""):
         got = c["median"].max() / 1e3
         return {"value": f"measured fp16 matmul {got:.3g} TFLOP/s", "verdict": _verdict(got >= 0.8 * claim["expected_TFLOPS"]),
                 "basis": "measured", "why": ""}
     return {"value": f"published spec: {pub} TFLOPS fp16 ({spec['source']})",
-            "verdict": untestable(f"an Ascend 910 (910A) to measure on; these runs are on {ctx['kind']}"),
+            "verdict": untestable(f"an Ascend 910 (910A) to measure on; these runs are on {ctx.kind}"),
             "basis": "published (not measured)", "why": ""}
 
 

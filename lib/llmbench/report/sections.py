@@ -17,6 +17,7 @@ from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_time, is_finite
 from llmbench.results.frame import (LONG_PROMPT, REQUEST, config_keys, device_kind, latency_rows, ok, pair,
                                     published_ratios, repeats, trend, weights_used)
 from llmbench.results.ratios import ratio_table, weight_ratio
+from llmbench.results.anomalies import record_flags
 
 
 # --- provenance ---------------------------------------------------------------------------------------
@@ -459,21 +460,24 @@ def summary_text(df, runs, checks, anomalies=None) -> str:
     d = runs[0].get("device", {}) if runs else {}
     out = [f"- Measured on **{d.get('device_name')}** ({device_kind(df)}), with {weights_used(df)} weights."]
     p, t = pair(df), ratio_table(df)
-    tp_all, tt_all = latency_rows(df, "tpot"), latency_rows(df, "ttft")
+    tp_all, tt_all = latency_rows(df, "tpot").reset_index(drop=True), latency_rows(df, "ttft")
+    flagged = record_flags(tp_all)
     for (m, engine, dtype), tp in tp_all.groupby(["model", "engine", "dtype"]) if len(tp_all) else []:
         r = tp.loc[tp.context_len.idxmin()]
+        flag = " [flagged: see *Anomalies*]" if flagged[r.name] else ""
         tt = tt_all[(tt_all.model == m) & (tt_all.engine == engine) & (tt_all.dtype == dtype)]
         first = ""
         if len(tt):
             f = tt.loc[tt.prompt_len.idxmax()]
             first = f"; first token after {fmt_time(f['median'])} for a {int(f.prompt_len)}-token prompt"
         out.append(f"- {m} ({engine}, {dtype}): {fmt_time(r['median'])} per output token at batch 1 (context "
-                   f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{first}.")
+                   f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{flag}{first}.")
     if p and len(t[t.metric == "TPOT"]):
         for k, g in t[t.metric == "TPOT"].groupby(["engine", "dtype"]):
             r = g.loc[g.tokens.idxmin()]
             out.append(f"- {p[1]}/{p[0]} decode latency ratio ({' '.join(k)}): {fmt_ci(r.ratio, r.ci_low, r.ci_high)} "
-                       f"(weight bytes: {weight_ratio(*p):.2f}).")
+                       f"(weight bytes: {weight_ratio(*p):.2f})"
+                       + (" [rests on a flagged record: see *Anomalies*]." if r.get("flag") else "."))
     for k, v in largest_batch(df).items():
         name = " ".join(map(str, k))
         out.append(f"- {name}: " + (f"largest batch that fits {v['largest_ok']} (batch {v['first_oom']} does not"
