@@ -112,7 +112,8 @@ def load(req: LoadRequest) -> Engine:
     try:
         import llama_cpp
     except ImportError as err:
-        raise Unsupported(f"llama-cpp-python is not installed ({err}); make setup builds it") from err
+        from .llamacpp_build import not_built
+        raise Unsupported(not_built() or f"llama-cpp-python is not installed ({err}); make setup builds it") from err
     try:  # the process's own stderr: in a Jupyter kernel sys.stderr is a stream without a file descriptor
         faulthandler.enable(file=sys.__stderr__)
     except (AttributeError, ValueError, OSError):

@@ -1,0 +1,211 @@
+"""Install over what is there (make setup SYSTEM_PACKAGES=1), fill a wheelhouse (make wheelhouse), and
+say where each package came from (llmbench env).
+
+Accelerator images ship torch (and torch_npu with CANN, or CUDA libraries, often transformers) matched to
+their driver. Over such a stack the venv is made with --system-site-packages and this installs, from the
+pinned requirement files, only what is missing or outside pyproject.toml's ranges. A torch, torch_npu,
+transformers (or the CUDA libraries and triton they are built with) that is installed and inside its range
+is held at its version: pip gets it as a constraint, so no dependency can upgrade it. One of these outside
+its range is an error naming both, never replaced.
+
+Runs before the rest of the project is installed: standard library and packaging only.
+
+usage: python -m llmbench.install [--no-deps] [--pip-args "..."] -r FILE [-r FILE ...] [SPEC ...]
+       python -m llmbench.install --wheelhouse DIR [--python-version 3.12] [--platform manylinux_2_28_x86_64]
+"""
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+try:
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+except ImportError:  # a fresh venv has no packaging yet; pip vendors the same library
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.specifiers import SpecifierSet
+    from pip._vendor.packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[2]
+PYPROJECT = ROOT / "pyproject.toml"
+# make setup's requirement files, in its order; requirements-npu.txt only on Ascend hosts (torch_npu: never in
+# a wheelhouse), requirements-cuda.txt only where nvidia-smi exists (but a wheelhouse carries it: torchao, NVML)
+WHEELHOUSE_FILES = ("requirements.lock", "requirements-data.txt", "requirements-cuda.txt")
+LLAMACPP_FILE = "requirements-llamacpp.txt"
+# Built for the driver, the CANN release or each other: held where installed, never in a wheelhouse.
+HELD = {"torch", "torch-npu", "transformers", "torchvision", "torchaudio", "triton", "pytorch-triton"}
+HELD_PREFIXES = ("nvidia-cu", "nvidia-nccl", "nvidia-nvjitlink", "nvidia-nvtx", "nvidia-nvshmem", "nvidia-cufile",
+                 "nvidia-curand", "nvidia-cusolver", "nvidia-cusparse", "nvidia-cublas", "nvidia-cufft", "cuda-")
+NOT_IN_WHEELHOUSE = {"torch", "torch-npu", "triton", "pytorch-triton"}
+# what the wheelhouse adds so that nothing is fetched when installing from it: setuptools for the editable
+# install (a 3.12 venv has none), scikit-build-core, cmake and ninja to build llama-cpp-python's sdist
+BUILD_TOOLS = ("setuptools>=64", "scikit-build-core[pyproject]", "cmake", "ninja")
+
+
+class InstallError(Exception):
+    pass
+
+
+def canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def held(name: str) -> bool:
+    n = canon(name)
+    return n in HELD or n.startswith(HELD_PREFIXES)
+
+
+def ranges(pyproject: Path = PYPROJECT) -> dict[str, SpecifierSet]:
+    """{package: range} from pyproject.toml's dependencies and optional dependencies."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    reqs = list(project["dependencies"]) + [r for group in project.get("optional-dependencies", {}).values()
+                                            for r in group]
+    out = {}
+    for r in map(Requirement, reqs):
+        out[canon(r.name)] = out.get(canon(r.name), SpecifierSet()) & r.specifier
+    return out
+
+
+def read_pins(path: Path) -> list[Requirement]:
+    """The requirements of one pinned file (comments and blank lines dropped)."""
+    lines = (line.split("#")[0].strip() for line in Path(path).read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def installed() -> dict[str, metadata.Distribution]:
+    """{package: distribution} that this interpreter imports, the venv's before the system's (sys.path order)."""
+    out = {}
+    for d in metadata.distributions():
+        name = d.metadata["Name"]
+        if name and canon(name) not in out:
+            out[canon(name)] = d
+    return out
+
+
+def origin(dist: metadata.Distribution) -> str:
+    """'venv' when the package lies in this venv, 'system' when it lies outside it (a venv made with
+    --system-site-packages, or no venv at all)."""
+    where = Path(dist.locate_file("")).resolve()
+    if sys.prefix == sys.base_prefix:
+        return "system"
+    return "venv" if where.is_relative_to(Path(sys.prefix).resolve()) else "system"
+
+
+def in_range(version: str, spec: SpecifierSet) -> bool:
+    # a local build tag (2.11.0+cu130) is inside >=2.11: compare the public version
+    return Version(version).public in spec if spec else True
+
+
+def plan(pins: list[Requirement], have: dict[str, str], want: dict[str, SpecifierSet]) -> tuple[list, list, list]:
+    """(requirements to install, [(name, version, why kept)], errors).
+
+    have: {package: installed version}; want: {package: pyproject range}."""
+    todo, kept, errors = [], [], []
+    for r in pins:
+        n = canon(r.name)
+        spec = want.get(n, SpecifierSet())
+        if n not in have:
+            todo.append(r)
+        elif in_range(have[n], spec):
+            kept.append((n, have[n], f"inside {spec}" if spec else "installed"))
+        elif held(n):
+            errors.append(f"{n} {have[n]} is installed but pyproject.toml needs {n}{spec}: SYSTEM_PACKAGES=1 never "
+                          f"replaces an installed {n}; install one in that range, or run make setup without "
+                          f"SYSTEM_PACKAGES=1 for a venv of its own")
+        else:
+            todo.append(r)  # outside the range: the pin goes into the venv, in front of the system's
+    return todo, kept, errors
+
+
+def pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args]
+    if subprocess.run(cmd).returncode:
+        raise InstallError(f"pip failed: {shlex.join(cmd)}")
+
+
+def install(files: list[str], specs: list[str], no_deps: bool, pip_args: list[str]) -> None:
+    pins = [r for f in files for r in read_pins(ROOT / f)] + [Requirement(s) for s in specs]
+    dists = installed()
+    have = {n: d.version for n, d in dists.items()}
+    todo, kept, errors = plan(pins, have, ranges())
+    if errors:
+        raise InstallError("\n".join(errors))
+    offline = "--no-index" in pip_args
+    missing_held = [r for r in todo if canon(r.name) in NOT_IN_WHEELHOUSE]
+    if offline and missing_held:
+        raise InstallError(f"{', '.join(map(str, missing_held))} is not installed and a wheelhouse holds none: "
+                           f"install the build for this machine's accelerator first (see README 'Offline')")
+    held_here = sorted(n for n in have if held(n))
+    kept_held = [f"{n} {v} ({origin(dists[n])})" for n, v, _ in kept if held(n)]
+    print(f"llmbench.install: {len(kept)} of {len(pins)} already installed"
+          f"{' (held: ' + ', '.join(kept_held) + ')' if kept_held else ''}; "
+          f"installing {len(todo)}: {' '.join(map(str, todo)) or 'nothing'}", flush=True)
+    if not todo:
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as c:
+        # what is held stays at its version whatever a dependency asks for
+        c.write("".join(f"{n}=={have[n]}\n" for n in held_here))
+    pip("install", *pip_args, *(["--no-deps"] if no_deps else []), "-c", c.name, *map(str, todo))
+
+
+def wheelhouse(dest: Path, python_version: str | None, platform: str | None) -> None:
+    """Every wheel make setup fetches, but torch, torch_npu and the CUDA libraries, and llama-cpp-python's sdist."""
+    dest.mkdir(parents=True, exist_ok=True)
+    target = ["--only-binary=:all:"]
+    if python_version:
+        target += ["--python-version", python_version, "--implementation", "cp"]
+    if platform:
+        target += ["--platform", platform]
+    pins = [r for f in WHEELHOUSE_FILES for r in read_pins(ROOT / f)]
+    keep = [str(r) for r in pins if canon(r.name) not in NOT_IN_WHEELHOUSE and not canon(r.name).startswith(HELD_PREFIXES)]
+    skipped = sorted(canon(r.name) for r in pins if str(r) not in keep)
+    print(f"wheelhouse {dest}: {len(keep)} pinned wheels (left out: {', '.join(skipped)}), build tools, "
+          f"llama-cpp-python's source", flush=True)
+    pip("download", "-q", "--no-deps", *target, "-d", str(dest), *keep)
+    pip("download", "-q", *target, "-d", str(dest), *BUILD_TOOLS)
+    llama = read_pins(ROOT / LLAMACPP_FILE)
+    sdist = [str(r) for r in llama if canon(r.name) == "llama-cpp-python"]
+    pip("download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(dest), *sdist)
+    pip("download", "-q", "--no-deps", *target, "-d", str(dest), *(str(r) for r in llama if str(r) not in sdist))
+    print(f"wheelhouse {dest}: {len(list(dest.iterdir()))} files; install with make setup WHEELHOUSE={dest}")
+
+
+def provenance(names=None) -> dict[str, dict]:
+    """{package: {version, from}} for the given packages (default: pyproject's and the accelerator's)."""
+    dists = installed()
+    names = names or [*ranges(), "torch-npu", "torchao", "llama-cpp-python", "triton"]
+    return {n: {"version": dists[canon(n)].version, "from": origin(dists[canon(n)])}
+            for n in dict.fromkeys(map(canon, names)) if canon(n) in dists}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmbench.install", description=__doc__.split("\n\n")[0])
+    p.add_argument("-r", "--requirement", action="append", default=[], help="a pinned requirements file")
+    p.add_argument("specs", nargs="*", help="more pinned requirements, e.g. torch==2.13.0")
+    p.add_argument("--no-deps", action="store_true")
+    p.add_argument("--pip-args", default="", help="passed on to pip install, e.g. '-q --no-index --find-links wheelhouse'")
+    p.add_argument("--index-url", default=None, help="passed on to pip install")
+    p.add_argument("--wheelhouse", type=Path, help="download into this folder instead of installing")
+    p.add_argument("--python-version", default=None)
+    p.add_argument("--platform", default=None)
+    a = p.parse_args(argv)
+    try:
+        if a.wheelhouse:
+            wheelhouse(a.wheelhouse, a.python_version, a.platform)
+        else:
+            pip_args = shlex.split(a.pip_args) + (["--index-url", a.index_url] if a.index_url else [])
+            install(a.requirement, a.specs, a.no_deps, pip_args)
+    except InstallError as e:
+        print(f"llmbench.install: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
