@@ -95,6 +95,8 @@ def test_wheelhouse_downloads_all_but_torch_and_the_cuda_libraries(monkeypatch, 
     for c in calls:
         if "--no-binary" not in c:
             assert c[c.index("--python-version") + 1] == "3.12" and c[c.index("--platform") + 1] == "manylinux_2_28_x86_64"
+            # and the older glibc's wheels that such a machine runs too
+            assert "manylinux2014_x86_64" in c and "manylinux_2_17_x86_64" in c and "manylinux_2_29_x86_64" not in c
 
 
 def test_missing_llamacpp_source_is_one_line_and_the_engine_unsupported(monkeypatch, tmp_path, capsys):

@@ -154,14 +154,26 @@ def install(files: list[str], specs: list[str], no_deps: bool, pip_args: list[st
     pip("install", *pip_args, *(["--no-deps"] if no_deps else []), "-c", c.name, *map(str, todo))
 
 
+def platforms(platform: str | None) -> list[str]:
+    """pip download --platform takes tags literally: manylinux_2_28_x86_64 would miss every wheel built for an
+    older glibc (manylinux2014 ...), which that machine also runs. So the older manylinux tags are added."""
+    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform or "")
+    if not m:
+        return [platform] if platform else []
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    glibc, arch = int(m.group(1)), m.group(2)
+    return [t for y in range(glibc, 4, -1)
+            for t in [f"manylinux_2_{y}_{arch}"] + ([f"{legacy[y]}_{arch}"] if y in legacy else [])]
+
+
 def wheelhouse(dest: Path, python_version: str | None, platform: str | None) -> None:
     """Every wheel make setup fetches, but torch, torch_npu and the CUDA libraries, and llama-cpp-python's sdist."""
     dest.mkdir(parents=True, exist_ok=True)
     target = ["--only-binary=:all:"]
     if python_version:
         target += ["--python-version", python_version, "--implementation", "cp"]
-    if platform:
-        target += ["--platform", platform]
+    for tag in platforms(platform):
+        target += ["--platform", tag]
     pins = [r for f in WHEELHOUSE_FILES for r in read_pins(ROOT / f)]
     keep = [str(r) for r in pins if canon(r.name) not in NOT_IN_WHEELHOUSE and not canon(r.name).startswith(HELD_PREFIXES)]
     skipped = sorted(canon(r.name) for r in pins if str(r) not in keep)
