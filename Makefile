@@ -27,6 +27,9 @@ endif
 NPU_HOST := $(shell command -v npu-smi >/dev/null 2>&1 && echo yes)
 TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' requirements.lock)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# the editable install's backend: a 3.12 venv has none, a 3.11 one has 65.5 (no bdist_wheel without `wheel`);
+# 70.1 builds wheels itself, and torch 2.11 requires setuptools<82
+SETUPTOOLS := setuptools>=70.1,<82
 
 .PHONY: setup study report test smoke lab clean wheelhouse
 
@@ -45,8 +48,8 @@ $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirem
 	@if [ -n "$(NPU_HOST)" ]; then $(INSTALL) -r requirements-npu.txt || exit 1; \
 	  $(BIN)/python -c "import torch, torch_npu; print('torch_npu', torch_npu.__version__, 'imports; CANN', torch_npu.npu.get_cann_version())" \
 	  || echo "*** WARNING: npu-smi exists but torch_npu cannot be imported (error above). Install CANN and run 'source <CANN>/set_env.sh' before make; llmbench will NOT use the NPU until it imports. ***" >&2; fi
-	@$(BIN)/python -c "import setuptools as s; assert int(s.__version__.split('.')[0]) >= 64" 2>/dev/null \
-	  || $(BIN)/python -m pip install $(PIP_ARGS) "setuptools>=64"  # the editable install's backend (a 3.12 venv has none)
+	@$(BIN)/python -c "import setuptools as s; assert tuple(map(int, s.__version__.split('.')[:2])) >= (70, 1)" 2>/dev/null \
+	  || $(BIN)/python -m pip install $(PIP_ARGS) "$(SETUPTOOLS)"
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	PIP_EXTRA="$(strip $(PIP_ARGS:-q=))" LLMBENCH_WHEELHOUSE="$(if $(WHEELHOUSE),$(abspath $(WHEELHOUSE)))" \
 	  $(BIN)/python -m llmbench.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)

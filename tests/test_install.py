@@ -19,6 +19,7 @@ def test_declared_oldest_versions():
     # the versions of the GPU image the study ran on (torch 2.11.0+cu130, transformers 5.17.0): the oldest allowed
     assert str(r["torch"]) == ">=2.11" and str(r["transformers"]) == ">=5.17" and str(r["torch-npu"]) == ">=2.11"
     assert "2.10.9" not in r["torch"] and "5.16.0" not in r["transformers"]
+    assert install.oldest("torch", "transformers") == ["torch==2.11", "transformers==5.17"]  # what .ci/oldest runs on
 
 
 def test_plan_keeps_what_is_inside_the_range_and_installs_the_rest():

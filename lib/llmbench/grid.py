@@ -29,7 +29,8 @@ from .config import RUN_ID_KEYS
 from .errors import UserError
 from .params import RESERVED, check_value, declared
 
-TOP_KEYS = {"name", "description", "timeout_s", "cell_timeout_s", "params", "notebooks"}
+TOP_KEYS = {"name", "description", "timeout_s", "cell_timeout_s", "params", "notebooks",
+            "estimate"}  # estimate: measured figures that price --dry-run's estimate (estimate.py)
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -136,5 +137,6 @@ def load_grid(path) -> dict:
     unused = set(shared) - used_shared
     if unused:
         _fail(path, f"params.{sorted(unused)[0]}", "no notebook of this grid declares this parameter")
+    from .estimate import anchors
     return {"name": name, "path": str(path), "description": doc.get("description", ""), **timeouts,
-            "points": points}
+            "points": points, "estimate": anchors(str(path), doc.get("estimate"))}

@@ -46,7 +46,7 @@ HELD_PREFIXES = ("nvidia-cu", "nvidia-nccl", "nvidia-nvjitlink", "nvidia-nvtx", 
 NOT_IN_WHEELHOUSE = {"torch", "torch-npu", "triton", "pytorch-triton"}
 # what the wheelhouse adds so that nothing is fetched when installing from it: setuptools for the editable
 # install (a 3.12 venv has none), scikit-build-core, cmake and ninja to build llama-cpp-python's sdist
-BUILD_TOOLS = ("setuptools>=64", "scikit-build-core[pyproject]", "cmake", "ninja")
+BUILD_TOOLS = ("setuptools>=70.1,<82", "scikit-build-core[pyproject]", "cmake", "ninja")  # setuptools: the Makefile's
 
 
 class InstallError(Exception):
@@ -206,6 +206,18 @@ def wheelhouse(dest: Path, python_version: str | None, platform: str | None) -> 
     print(f"wheelhouse {dest}: {len(list(dest.iterdir()))} files; install with make setup WHEELHOUSE={dest}")
 
 
+def oldest(*names: str) -> list[str]:
+    """name==the lower bound of pyproject.toml's range, e.g. torch==2.11: what CI's oldest-versions job runs on."""
+    want = ranges()
+    out = []
+    for n in names:
+        low = [s.version for s in want[canon(n)] if s.operator == ">="]
+        if not low:
+            raise InstallError(f"pyproject.toml gives {n} no lower bound (>=): {want[canon(n)] or 'no range'}")
+        out.append(f"{canon(n)}=={low[0]}")
+    return out
+
+
 def provenance(names=None) -> dict[str, dict]:
     """{package: {version, from}} for the given packages (default: pyproject's and the accelerator's)."""
     dists = installed()
@@ -224,9 +236,12 @@ def main(argv=None) -> int:
     p.add_argument("--wheelhouse", type=Path, help="download into this folder instead of installing")
     p.add_argument("--python-version", default=None)
     p.add_argument("--platform", default=None)
+    p.add_argument("--oldest", nargs="+", metavar="PACKAGE", help="print PACKAGE==its lowest allowed version")
     a = p.parse_args(argv)
     try:
-        if a.wheelhouse:
+        if a.oldest:
+            print(*oldest(*a.oldest))
+        elif a.wheelhouse:
             wheelhouse(a.wheelhouse, a.python_version, a.platform)
         else:
             pip_args = shlex.split(a.pip_args) + (["--index-url", a.index_url] if a.index_url else [])

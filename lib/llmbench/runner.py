@@ -215,9 +215,18 @@ def run_grid(path, force: bool = False, dry_run: bool = False, runs_root=None, s
     grid = load_grid(path)
     gdir = grid_dir(grid, runs_root)
     if dry_run:
+        from .estimate import point_seconds, summary
+        a, secs, measured = grid["estimate"], [], 0
         for p in grid["points"]:
-            print(f"{p['run_id']:<70} {point_status(gdir, p)['status']:<8} {json.dumps(p['params'])}")
+            st = point_status(gdir, p)
+            if a is not None:  # a point already run: its own duration
+                done = st["status"] == "ok" and st.get("duration_s")
+                measured += bool(done)
+                secs.append(st["duration_s"] if done else point_seconds(a, p))
+            est = f"{secs[-1]:6.0f} s " if secs else ""
+            print(f"{p['run_id']:<70} {st['status']:<8} {est}{json.dumps(p['params'])}")
         print(f"{len(grid['points'])} points")
+        print(summary(a, secs, measured))
         return 0
     check_machine(strict)
     if executor == "local":
