@@ -26,9 +26,11 @@ def test_plan_keeps_what_is_inside_the_range_and_installs_the_rest():
     want = install.ranges()
     todo, kept, errors = install.plan(
         pins("torch==2.13.0", "transformers==5.24.0", "papermill==2.7.0", "pandas==3.1.1", "numpy==2.4.6"),
-        {"torch": "2.11.0+cu130", "transformers": "5.17.0", "pandas": "1.5.3", "numpy": "1.26.4"}, want)
+        {"torch": "2.11.0a0+ecf3bae40a", "transformers": "5.17.0", "pandas": "1.5.3", "numpy": "1.26.4"}, want)
     assert not errors
-    assert {n for n, _, _ in kept} == {"torch", "transformers", "numpy"}  # numpy has no range: the system's stays
+    # numpy has no range: the system's stays; NVIDIA's container torch (2.11.0a0+commit) is a 2.11
+    assert {n for n, _, _ in kept} == {"torch", "transformers", "numpy"}
+    assert install.in_range("2.11.0+cu130", want["torch"]) and not install.in_range("2.10.1", want["torch"])
     assert [str(r) for r in todo] == ["papermill==2.7.0", "pandas==3.1.1"]  # missing; pandas 1.5 is below >=2
 
 

@@ -99,8 +99,9 @@ def origin(dist: metadata.Distribution) -> str:
 
 
 def in_range(version: str, spec: SpecifierSet) -> bool:
-    # a local build tag (2.11.0+cu130) is inside >=2.11: compare the public version
-    return Version(version).public in spec if spec else True
+    # the release a build is of: 2.11.0+cu130 (PyPI's CUDA build) and NVIDIA's container builds of the
+    # release branch, 2.11.0a0+<commit>, are both torch 2.11
+    return Version(Version(version).base_version) in spec if spec else True
 
 
 def plan(pins: list[Requirement], have: dict[str, str], want: dict[str, SpecifierSet]) -> tuple[list, list, list]:
@@ -125,9 +126,8 @@ def plan(pins: list[Requirement], have: dict[str, str], want: dict[str, Specifie
 
 
 def pip(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pip", *args]
-    if subprocess.run(cmd).returncode:
-        raise InstallError(f"pip failed: {shlex.join(cmd)}")
+    if subprocess.run([sys.executable, "-m", "pip", *args]).returncode:
+        raise InstallError(f"pip {args[0]} failed (its error is above)")
 
 
 def install(files: list[str], specs: list[str], no_deps: bool, pip_args: list[str]) -> None:
@@ -141,7 +141,7 @@ def install(files: list[str], specs: list[str], no_deps: bool, pip_args: list[st
     missing_held = [r for r in todo if canon(r.name) in NOT_IN_WHEELHOUSE]
     if offline and missing_held:
         raise InstallError(f"{', '.join(map(str, missing_held))} is not installed and a wheelhouse holds none: "
-                           f"install the build for this machine's accelerator first (see README 'Offline')")
+                           f"install the build for this machine's accelerator first (README: Offline and preinstalled stacks)")
     held_here = sorted(n for n in have if held(n))
     kept_held = [f"{n} {v} ({origin(dists[n])})" for n, v, _ in kept if held(n)]
     print(f"llmbench.install: {len(kept)} of {len(pins)} already installed"
