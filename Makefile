@@ -1,40 +1,70 @@
 # Two commands do all the set-up on a fresh machine:
 #   make study   - install, then run the grid of the detected device (npu, cuda or cpu) and build the report
 #   make test    - install, then run the whole test suite
+# Over a preinstalled torch (GPU/NPU images): SYSTEM_PACKAGES=1. Offline: make wheelhouse on a connected
+# machine, then WHEELHOUSE=wheelhouse here (README 'Offline and preinstalled stacks').
 PY ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KERNEL := llmbench
 PIP_EXTRA ?=
+SYSTEM_PACKAGES ?=
+WHEELHOUSE ?=
+PYTHON_VERSION ?=
+PLATFORM ?=
+PIP_ARGS := -q $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE))) $(PIP_EXTRA)
+ifeq ($(SYSTEM_PACKAGES),1)
+# the venv sees the system's packages; only what is missing or outside pyproject.toml's ranges is installed,
+# and an installed torch / torch_npu / transformers inside its range is never replaced (lib/llmbench/system/install.py)
+VENV_ARGS := --system-site-packages
+INSTALL = PYTHONPATH=lib $(BIN)/python -m llmbench.system.install --pip-args "$(PIP_ARGS)"
+else
+VENV_ARGS :=
+INSTALL = $(BIN)/python -m pip install $(PIP_ARGS)
+endif
 # Ascend hosts (npu-smi present): torch_npu needs the CPU build of torch (x86_64's default wheel is a CUDA build).
 NPU_HOST := $(shell command -v npu-smi >/dev/null 2>&1 && echo yes)
 TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' requirements.lock)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# the editable install's backend: a 3.12 venv has none, a 3.11 one has 65.5 (no bdist_wheel without `wheel`);
+# 70.1 builds wheels itself, and torch 2.11 requires setuptools<82
+SETUPTOOLS := setuptools>=70.1,<82
 
-.PHONY: setup study report test smoke lab clean
+.PHONY: setup study report test smoke lab clean wheelhouse
 
 $(BIN)/python:
-	$(PY) -m venv $(VENV)
+	$(PY) -m venv $(VENV_ARGS) $(VENV)
 
 $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirements-llamacpp.txt requirements-npu.txt pyproject.toml \
-	  lib/llmbench/system/llamacpp_build.py | $(BIN)/python
+	  lib/llmbench/system/llamacpp_build.py lib/llmbench/system/install.py | $(BIN)/python
+	@if [ "$(SYSTEM_PACKAGES)" = 1 ] && ! grep -qx "include-system-site-packages = true" $(VENV)/pyvenv.cfg; then \
+	  echo "$(VENV) was made without the system's packages; SYSTEM_PACKAGES=1 needs a new one: rm -rf $(VENV)" >&2; exit 1; fi
 	@if [ -n "$(NPU_HOST)" ]; then echo "npu-smi found: installing the CPU build of torch $(TORCH_VERSION) for torch_npu"; \
-	  $(BIN)/python -m pip install -q $(PIP_EXTRA) --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)" || exit 1; fi
-	$(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements.lock
-	$(BIN)/python -m pip install -q $(PIP_EXTRA) --no-deps -r requirements-data.txt
-	@if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements-cuda.txt; fi
-	@if [ -n "$(NPU_HOST)" ]; then $(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements-npu.txt || exit 1; \
+	  $(INSTALL) --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)" || exit 1; fi
+	$(INSTALL) -r requirements.lock
+	$(INSTALL) --no-deps -r requirements-data.txt
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(INSTALL) -r requirements-cuda.txt; fi
+	@if [ -n "$(NPU_HOST)" ]; then $(INSTALL) -r requirements-npu.txt || exit 1; \
 	  $(BIN)/python -c "import torch, torch_npu; print('torch_npu', torch_npu.__version__, 'imports; CANN', torch_npu.npu.get_cann_version())" \
 	  || echo "*** WARNING: npu-smi exists but torch_npu cannot be imported (error above). Install CANN and run 'source <CANN>/set_env.sh' before make; llmbench will NOT use the NPU until it imports. ***" >&2; fi
+	@$(BIN)/python -c "import setuptools as s; assert tuple(map(int, s.__version__.split('.')[:2])) >= (70, 1)" 2>/dev/null \
+	  || $(BIN)/python -m pip install $(PIP_ARGS) "$(SETUPTOOLS)"
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	PIP_EXTRA="$(PIP_EXTRA)" $(BIN)/python -m llmbench.system.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
+	PIP_EXTRA="$(strip $(PIP_ARGS:-q=))" LLMBENCH_WHEELHOUSE="$(if $(WHEELHOUSE),$(abspath $(WHEELHOUSE)))" \
+	  $(BIN)/python -m llmbench.system.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" \
 	  --env TORCH_DEVICE_BACKEND_AUTOLOAD 0 >/dev/null  # torch-npu's autoload fails without CANN; device.py imports it
 	@touch $(STAMP)
 	@echo "installed into $(VENV); Jupyter kernel '$(KERNEL)' registered"
 
 setup: $(STAMP)
+
+# On a connected machine: every wheel make setup fetches except torch, torch_npu and the CUDA libraries, with
+# llama-cpp-python's source, for PYTHON_VERSION and PLATFORM (default: this machine's python3 and platform).
+wheelhouse:
+	PYTHONPATH=lib $(PY) -m llmbench.system.install --wheelhouse wheelhouse $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) \
+	  $(if $(PLATFORM),--platform $(PLATFORM))
 
 # The grid of the detected device; a failed point does not stop the report, but makes the exit status non-zero.
 study: setup

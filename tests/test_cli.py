@@ -21,6 +21,8 @@ def test_models_table_and_json():
 def test_env_json_describes_this_machine():
     info = json.loads(cli("env", "--json").stdout)
     assert info["device"] == "cpu" and info["torch"] and "torch_npu" in info["available"]["npu"]
+    # where torch came from: the system's site-packages (SYSTEM_PACKAGES=1) or this venv
+    assert f"torch {info['torch'].split('+')[0]}" in info["system packages"] + info["venv packages"]
 
 
 def _one_clean_error(r, *needles):

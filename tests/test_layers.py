@@ -20,7 +20,7 @@ ALLOWED = {
     "engines": {"core", "system", "model", "engines"},
     "measure": {"core", "system", "model", "engines", "measure"},
     "experiments": {"core", "system", "model", "engines", "measure", "experiments"},
-    "orchestration": {"core", "system", "orchestration"},
+    "orchestration": {"core", "system", "model", "orchestration"},
     "results": {"core", "system", "model", "measure", "results"},
     "claims": {"core", "system", "model", "measure", "results", "claims"},
     "report": {"core", "system", "model", "measure", "results", "claims", "report"},

@@ -46,6 +46,10 @@ def cmd_env(args) -> int:
     kind = pick_device(args.device)
     info = describe(kind)
     info["available"] = {k: (ok or why) for k in ("npu", "cuda", "cpu") for ok, why in [availability(k)]}
+    from llmbench.system.install import provenance  # the study's packages: from the system's site-packages or this venv
+    pkgs = provenance()
+    for src in ("system", "venv"):
+        info[f"{src} packages"] = ", ".join(f"{n} {p['version']}" for n, p in pkgs.items() if p["from"] == src) or "none"
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

@@ -5,6 +5,8 @@ on accelerators small models measure mostly dispatch. Loading and quantization l
 shared with the compiled engine (`build`), so both run exactly the same weights. On Ascend the task
 queue mode (asynchronous dispatch) is the load request's, set at load and read back for the record.
 """
+import functools
+import inspect
 import time
 
 import torch
@@ -62,9 +64,19 @@ def _version() -> str:
     return transformers.__version__
 
 
+@functools.cache
+def cache_name(model_type: type) -> str:
+    """The KV cache's keyword and output field in this transformers release. Newer releases call it `cache`
+    (5.24 still takes `past_key_values` with a deprecation warning, until 5.40); 5.17, the oldest release
+    pyproject.toml allows, knows only `past_key_values`. Asked of the signature, not the version number,
+    since the release that renamed it is not one this project has run."""
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
+
+
 def _forward(e: Engine, ids, cache=None):
-    out = e.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.cache, greedy(out.logits[:, -1])
+    name = cache_name(type(e.model))
+    out = e.model(input_ids=ids, **{name: cache}, use_cache=True, logits_to_keep=1)
+    return getattr(out, name), greedy(out.logits[:, -1])
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ from llmbench.model import gguf_export
 from llmbench.model.models import check_weights_path, load_config, load_tokenizer
 from llmbench.system.device import backend
 from llmbench.system.llamacpp_build import BUILD_INFO
+from llmbench.system.llamacpp_build import not_built
 
 GGML_TYPE = {"F32": 0, "F16": 1, "BF16": 30}  # ggml.h enum ggml_type, for the KV cache
 KV_TYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
@@ -113,7 +114,7 @@ def load(req: LoadRequest) -> Engine:
     try:
         import llama_cpp
     except ImportError as err:
-        raise Unsupported(f"llama-cpp-python is not installed ({err}); make setup builds it") from err
+        raise Unsupported(not_built() or f"llama-cpp-python is not installed ({err}); make setup builds it") from err
     try:  # the process's own stderr: in a Jupyter kernel sys.stderr is a stream without a file descriptor
         faulthandler.enable(file=sys.__stderr__)
     except (AttributeError, ValueError, OSError):

@@ -25,11 +25,13 @@ from pathlib import Path
 
 import yaml
 
-from llmbench.core.keys import RUN_ID_KEYS
 from llmbench.core.errors import UserError
+from llmbench.core.keys import RUN_ID_KEYS
 from llmbench.experiments.params import RESERVED, check_value, declared
+from llmbench.orchestration.estimate import anchors
 
-TOP_KEYS = {"name", "description", "timeout_s", "cell_timeout_s", "params", "notebooks"}
+TOP_KEYS = {"name", "description", "timeout_s", "cell_timeout_s", "params", "notebooks",
+            "estimate"}  # estimate: measured figures that price --dry-run's estimate (estimate.py)
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -137,4 +139,4 @@ def load_grid(path) -> dict:
     if unused:
         _fail(path, f"params.{sorted(unused)[0]}", "no notebook of this grid declares this parameter")
     return {"name": name, "path": str(path), "description": doc.get("description", ""), **timeouts,
-            "points": points}
+            "points": points, "estimate": anchors(str(path), doc.get("estimate"))}

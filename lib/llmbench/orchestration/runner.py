@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from llmbench.core.errors import UserError, check_choice
+from llmbench.orchestration.estimate import point_seconds, summary
 from llmbench.orchestration.grid import load_grid
 from llmbench.orchestration.layout import grid_dir, point_runs, point_status
 from llmbench.system.nbexec import check_kernel
@@ -60,9 +61,17 @@ def run_grid(path, force: bool = False, dry_run: bool = False, runs_root=None, s
     grid = load_grid(path)
     gdir = grid_dir(grid, runs_root)
     if dry_run:
+        a, secs, measured = grid["estimate"], [], 0
         for p in grid["points"]:
-            print(f"{p['run_id']:<70} {point_status(gdir, p)['status']:<8} {json.dumps(p['params'])}")
+            st = point_status(gdir, p)
+            if a is not None:  # a point already run: its own duration
+                done = st["status"] == "ok" and st.get("duration_s")
+                measured += bool(done)
+                secs.append(st["duration_s"] if done else point_seconds(a, p))
+            est = f"{secs[-1]:6.0f} s " if secs else ""
+            print(f"{p['run_id']:<70} {st['status']:<8} {est}{json.dumps(p['params'])}")
         print(f"{len(grid['points'])} points")
+        print(summary(a, secs, measured))
         return 0
     check_machine(strict)
     if executor == "local":

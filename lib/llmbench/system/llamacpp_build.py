@@ -85,6 +85,20 @@ def llama_cpp_commit(sdist: Path) -> str:
     return m.group(1) if m else "unknown (not named in the sdist's CHANGELOG)"
 
 
+def source_available(version: str) -> bool:
+    """False only when installing from a wheelhouse (LLMBENCH_WHEELHOUSE) that lacks the sdist."""
+    wheelhouse = os.environ.get("LLMBENCH_WHEELHOUSE")
+    return not wheelhouse or any(Path(wheelhouse).glob(f"llama_cpp_python-{version}.tar.gz"))
+
+
+def not_built() -> str | None:
+    """Why make setup did not build llama.cpp, if it said so."""
+    try:
+        return json.loads(BUILD_INFO.read_text()).get("unsupported")
+    except (OSError, ValueError):
+        return None
+
+
 def pip(*args: str) -> None:
     extra = os.environ.get("PIP_EXTRA", "").split()
     subprocess.run([sys.executable, "-m", "pip", *args, *extra], check=True)
@@ -92,7 +106,11 @@ def pip(*args: str) -> None:
 
 def build(version: str, args: list[str], out: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        pip("download", "-q", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp)
+        wheelhouse = os.environ.get("LLMBENCH_WHEELHOUSE")
+        if wheelhouse:  # taken as it is: pip download would build its metadata, which needs the build tools' sources
+            shutil.copy(next(Path(wheelhouse).glob(f"llama_cpp_python-{version}.tar.gz")), tmp)
+        else:
+            pip("download", "-q", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={version}", "-d", tmp)
         sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         # llama-cpp-python forces llama.cpp's `common` library on (for its multimodal library, off here);
         # the bindings never load it and it is half the build. A normal variable set right after
@@ -122,6 +140,14 @@ def main() -> int:
     if wheels and (out / "build.json").exists():
         info = json.loads((out / "build.json").read_text())
         print(f"llama-cpp-python {version}: cached build ({' '.join(args)}) from {out}")
+    elif not source_available(version):
+        # offline without the source: setup goes on, and the llamacpp engine says why it is unsupported
+        why = (f"llama-cpp-python {version}'s source is not in the wheelhouse {os.environ['LLMBENCH_WHEELHOUSE']} "
+               f"(make wheelhouse puts it there): llama.cpp is not built, the llamacpp engine is recorded unsupported")
+        print(why, flush=True)
+        BUILD_INFO.parent.mkdir(parents=True, exist_ok=True)
+        BUILD_INFO.write_text(json.dumps({"unsupported": why}, indent=1))
+        return 0
     else:
         print(f"llama-cpp-python {version}: building llama.cpp from source with {' '.join(args)} "
               f"({os.cpu_count()} cores; minutes)", flush=True)
