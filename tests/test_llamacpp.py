@@ -185,7 +185,7 @@ def test_peer_names_the_type_and_backend_of_a_crash():
     import sys
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import peer
-    crash = ("from llmbench import engine_llamacpp as L; import ctypes, faulthandler; faulthandler.enable(); "
+    crash = ("from llmbench.engines import llamacpp as L; import ctypes, faulthandler; faulthandler.enable(); "
              "L.say('llama-3.2-1b Q8_0 on CPU', 'first decode'); ctypes.string_at(0)")
     p = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     why = peer.failure(p.returncode, p.stderr)

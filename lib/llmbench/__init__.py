@@ -15,7 +15,7 @@ lower layer, never a higher one, and there is no import cycle.
     engines              the engine interface and registry (__init__), eager, compiled, llamacpp
     measure              timing, ceilings, records, fidelity
     experiments          parameters, the run session, one module per notebook
-    orchestration        grids, run folders, points, executors   (core, system, experiments.params only)
+    orchestration        grids, run folders, points, executors, estimates  (core, system, model, experiments.params)
     results              frames over the records, ratios, anomalies  (never engines or experiments)
     claims, report       the seed's claims judged; the report's sections and figures
 Outside engines/ only the interface (llmbench.engines) is imported, never an engine module. Imports inside
