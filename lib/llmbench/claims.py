@@ -16,7 +16,7 @@ import yaml
 from . import costmodel as cm
 from . import paths
 from . import report as R
-from .models import describe_model, load_config
+from .models import describe_model, is_real, load_config
 from .stats import ratio_of_medians
 
 SUPPORTED, CONTRADICTED = "supported", "contradicted"
@@ -269,8 +269,13 @@ def quant_speedup(claim, ctx):
 
 def quant_robustness(claim, ctx):
     d = R.ok(ctx["df"], metric="kl_mean")
-    if d.empty or set(d.weights) != {"real"}:
-        return {"value": "fidelity measured on synthetic weights only" if len(d) else "no fidelity records",
+    trained = sorted(set(d[d.weights.map(is_real) & ~d.model.isin(MODELS)].model))  # e.g. smollm2-135m
+    d = d[d.model.isin(MODELS)]
+    if d.empty or not d.weights.map(is_real).all() or set(d.model) != set(MODELS):
+        value = "fidelity of Llama 3.2 measured on synthetic weights only" if len(d) else "no Llama 3.2 fidelity records"
+        if trained:
+            value += f"; the fidelity measurement ran on the trained {', '.join(trained)} (see the trained-model section)"
+        return {"value": value,
                 "verdict": untestable("real weights of both models (random weights have no outlier channels, which "
                                       "are what quantization errors depend on in real LLMs)"),
                 "basis": "measured", "why": ""}

@@ -30,7 +30,7 @@ import torch
 
 from . import gguf_export
 from .engine import Engine, LoadRequest
-from .models import check_weights_path, load_config, load_tokenizer
+from .models import check_weights_path, load_config, load_tokenizer, weights_label
 from .quant import Unsupported
 
 GGML_TYPE = {"F32": 0, "F16": 1, "BF16": 30}  # ggml.h enum ggml_type, for the KV cache
@@ -181,7 +181,7 @@ def load(req: LoadRequest) -> Engine:
     e = Engine(
         name="llamacpp", model=model, cfg=cfg, kind=req.kind, dtype=req.dtype, quant=req.quant,
         compute_dtype=compute_dtype(t, req.dtype, req.kind), weight_bytes=wbytes, read_bytes=read,
-        weights="synthetic" if weights == "synthetic" else "real", weights_source=weights,
+        weights=weights_label(weights), weights_source=weights,
         tokenizer=load_tokenizer(req.weights, req.tokens), load_s=load_s, quantize_s=g.export_s, description=desc,
         max_batch=req.max_batch, max_seq=req.max_seq,
         extra={"ctx": ctx, "batch": batch, "n_vocab": n_vocab, "gguf_type": t, "gguf": str(g.path),

@@ -48,8 +48,9 @@ def weights_key(weights: str, seed: int) -> str:
         from . import models
         code = inspect.getsource(models.synthetic_model) + inspect.getsource(models._fill_synthetic)
         return f"synthetic-seed{seed}-{hashlib.sha256(code.encode()).hexdigest()[:8]}"
-    p = Path(weights).expanduser()
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    from .gguf_import import resolve
+    p = resolve(weights) or Path(weights).expanduser()  # a GGUF source is named by its own file
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.suffix == ".gguf" else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return "real-" + hashlib.sha256(json.dumps([str(p.resolve()) if p.is_dir() else weights, stamp]).encode()).hexdigest()[:12]
 

@@ -8,6 +8,7 @@ stack. An unsupported method is a recorded result with its reason.
 from . import latency
 from .device import empty_cache, torch_device
 from .fidelity import compare_logits, perplexity
+from .models import is_real
 from .session import add, config_fields, load, row
 from .stats import ratio_of_medians, regroup
 from .workload import make_batch
@@ -32,7 +33,7 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
         f = config_fields(e)
         fid_ids, src = make_batch(fidelity_batch, fidelity_len, e.cfg, seed + 1, e.tokenizer)
         logits = engine.logits(e, fid_ids.to(dev))
-        note = SYNTHETIC_NOTE if e.weights == "synthetic" else "real weights"
+        note = SYNTHETIC_NOTE if e.weights == "synthetic" else f"{e.weights} weights"
         if method == "none":
             ref = logits
             latency.agreement(ctx, e, prompt_len, latency.AGREEMENT_STEPS, seed)  # graph engines vs eager
@@ -42,7 +43,7 @@ def run(ctx, methods, prompt_len, decode_steps, batch, new_tokens, fidelity_batc
                           prompt_len=fidelity_len, tokens=src, note=note, **f)
                       for k, u in (("kl_mean", "nats"), ("kl_max", "nats"), ("top1_agreement", "share"),
                                    ("rel_logit_error", "ratio"))])
-        if e.weights == "real" and e.tokenizer is not None:
+        if is_real(e.weights) and e.tokenizer is not None:
             ids, corpus = make_batch(1, fidelity_len * 4, e.cfg, 0, e.tokenizer)
             add(ctx, row(ctx, [perplexity(engine.logits(e, ids.to(dev)), ids)], experiment="fidelity",
                          metric="perplexity", unit="", tokens=corpus, **f))
