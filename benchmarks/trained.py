@@ -30,6 +30,7 @@ def show(title: str, df: pd.DataFrame) -> None:
 
 def agreement_table(rows) -> pd.DataFrame:
     d = pd.DataFrame(rows)
+    d = d[d.experiment == "agreement"]
     out = []
     for (eng, dt), g in d.groupby(["engine", "dtype"], sort=False):
         st = g.status.iloc[0]
@@ -47,20 +48,23 @@ def agreement_table(rows) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def fidelity_table(rows) -> pd.DataFrame:
+def fidelity_table(rows, unsupported: list) -> pd.DataFrame:
     d = pd.DataFrame(rows)
+    d = d[(d.experiment == "fidelity") & ~d.metric.str.startswith(("perplexity_english", "perplexity_shuffled",
+                                                                   "perplexity_chinese", "bits_per_char"))]
     out = []
     for (w, eng, q), g in d.groupby(["weights", "engine", "quant"], sort=False):
         st = g.status.iloc[0]
+        row = {"weights": w, "engine": eng, "method": q}
         if st != "ok":
-            out.append({"weights": w, "engine": eng, "method": q, "status": st})
+            out.append({**row, "status": st.split(":")[0]})
+            unsupported.append(f"{w}, {eng}, {q}: {st}")
             continue
         m = dict(zip(g.metric, g["median"]))
-        row = {"weights": w, "engine": eng, "method": q}
         if "kl_mean" in m:
             row.update({"mean KL (nats)": f"{m['kl_mean']:.2e}", "max KL": f"{m['kl_max']:.2e}",
                         "top-1 agreement": f"{m['top1_agreement']:.3f}", "rel. logit error": f"{m['rel_logit_error']:.3g}"})
-        row["English ppl"] = f"{m['perplexity_english']:.4g}"
+        row[f"English ppl ({trained.FIDELITY_TOKENS} tok)"] = f"{m[trained.FIDELITY_PPL]:.4g}"
         row["status"] = "ok" if "kl_mean" in m else "reference"
         out.append(row)
     return pd.DataFrame(out)
@@ -76,6 +80,13 @@ def perplexity_table(rows) -> pd.DataFrame:
         out.append({"text": key, "tokens": int(p.prompt_len.iloc[0]), "perplexity": f"{p['median'].iloc[0]:.4g}",
                     "bits/char": f"{b['median'].iloc[0]:.3g}", "what it means": p.note.iloc[0]})
     return pd.DataFrame(out)
+
+
+def show_perplexity(rows) -> None:
+    t = perplexity_table(rows)
+    show("Perplexity of the trained model (transformers eager, fp32)", t.drop(columns=["what it means"]))
+    for key, meaning in zip(t.text, t["what it means"]):
+        print(f"  {key}: {meaning}")
 
 
 def save(rows, folder, kind: str, info: dict, t0: float, argv) -> None:
@@ -121,12 +132,15 @@ def main() -> int:
             ids, tokens = trained.fidelity_inputs(load_tokenizer(trained.MODEL))
             fid += trained.fidelity(kind, weights="synthetic", ids=ids, tokens=tokens, device_name=name)
         rows += fid
-        show("Quantization fidelity against unquantized eager fp32 (rows: English text, Chinese corpus; 128 tokens each)",
-             fidelity_table(fid))
+        unsupported = []
+        show(f"Quantization fidelity against unquantized eager fp32 (rows: English text, Chinese corpus; "
+             f"{trained.FIDELITY_TOKENS} tokens each)", fidelity_table(fid, unsupported))
+        for line in unsupported:
+            print(f"  {line}")
     if "perplexity" not in args.skip:
         ppl = trained.perplexities(kind, device_name=name)
         rows += ppl
-        show("Perplexity of the trained model (eager fp32)", perplexity_table(ppl))
+        show_perplexity(ppl)
     if not args.no_records and rows:
         save(rows, args.records, kind, info, t0, sys.argv[1:])
     return 0

@@ -149,7 +149,7 @@ def test_report_section_states_agreement_per_engine_and_fidelity_beside_syntheti
         dict(samples=[1e-2], experiment="agreement", metric="logit_error_at_divergence", engine="llamacpp", dtype="bf16", **base),
         *[dict(samples=[v], metric=m, weights=REAL, weights_source=NAME, **fid)
           for m, v in (("kl_mean", 1e-3), ("kl_max", 1e-2), ("top1_agreement", 0.98), ("rel_logit_error", 0.05),
-                       ("perplexity_english", 8.6))],
+                       ("perplexity_fidelity_row0", 8.6))],
         *[dict(samples=[v], metric=m, weights="synthetic", weights_source="synthetic", **fid)
           for m, v in (("kl_mean", 4e-5), ("kl_max", 1e-4), ("top1_agreement", 0.7), ("rel_logit_error", 0.02))],
         dict(metric="kl_mean", status="unsupported: no kernel", **{**fid, "engine": "llamacpp", "quant": "w8a16"},

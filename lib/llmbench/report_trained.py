@@ -9,6 +9,7 @@ import pandas as pd
 
 from . import report as R
 from .models import is_real
+from .trained import FIDELITY_PPL
 
 RUN_IT = ("run `python benchmarks/trained.py` (it writes a finished run folder under data/runs/<device>/trained/, "
           "which this report reads)")
@@ -74,8 +75,8 @@ def fidelity_table(df) -> pd.DataFrame:
                                     ("rel_logit_error", "rel. logit error", "{:.3g}")):
                 row[f"{label}, trained"] = fmt.format(m[key])
                 row[f"{label}, synthetic"] = fmt.format(s[key]) if key in s else ""
-            if "perplexity_english" in m:
-                row["English perplexity, trained"] = f"{m['perplexity_english']:.4g}"
+            if FIDELITY_PPL in m:
+                row["perplexity of the English row, trained"] = f"{m[FIDELITY_PPL]:.4g}"
             row["status"] = "ok"
             rows.append(row)
     return pd.DataFrame(rows)
@@ -91,8 +92,6 @@ def perplexity_table(df) -> pd.DataFrame:
         d = d[d.weights.map(is_real)]
         for key in PPL_TEXTS:
             p, b = d[d.metric == f"perplexity_{key}"], d[d.metric == f"bits_per_char_{key}"]
-            p = p[p.quant == "none"] if "quant" in p else p
-            p = p[p.note.fillna("").str.len() > 40] if len(p) > 1 else p  # the row that carries the meaning
             if p.empty:
                 continue
             rows.append({"model": model, "text": key, "tokens": int(p.prompt_len.iloc[0]),

@@ -31,6 +31,7 @@ AGREEMENT_STEPS = 32
 PROMPT_TOKENS = 16  # agreement prompt: the English text's first tokens
 FIDELITY_TOKENS = 128  # tokens per fidelity row (English row, Chinese row)
 CHINESE_TOKENS = 512
+FIDELITY_PPL = "perplexity_fidelity_row0"  # perplexity of a method on the fidelity inputs' English row
 
 
 def english_text() -> str:
@@ -183,11 +184,11 @@ def fidelity(kind: str, weights: str = MODEL, engines=("eager", "llamacpp"), met
             rows += [record([f[k]], experiment="fidelity", metric=k, unit=u, **common)
                      for k, u in (("kl_mean", "nats"), ("kl_max", "nats"), ("top1_agreement", "share"),
                                   ("rel_logit_error", "ratio"))]
-            rows.append(record([perplexity(lg[:1], ids[:1])], experiment="fidelity", metric="perplexity_english",
+            rows.append(record([perplexity(lg[:1], ids[:1])], experiment="fidelity", metric=FIDELITY_PPL,
                                unit="", **common))
             _close(e)
             del e, lg
-    rows.append(record([perplexity(ref[:1], ids[:1])], experiment="fidelity", metric="perplexity_english", unit="",
+    rows.append(record([perplexity(ref[:1], ids[:1])], experiment="fidelity", metric=FIDELITY_PPL, unit="",
                        batch=ids.shape[0], prompt_len=ids.shape[1], tokens=tokens, note="the unquantized reference",
                        **_common(_req("eager", weights, dtype, "none", kind), kind, device_name)))
     return rows
