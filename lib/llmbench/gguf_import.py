@@ -286,12 +286,6 @@ def add_bos(path: Path) -> bool:
     return bool(meta(path, "tokenizer.ggml.add_bos_token", False))
 
 
-def describe(path: Path) -> str:
-    """One line for records and reports: where the file came from and how it was stored."""
-    counts = ", ".join(f"{n} {t}" for t, n in sorted(tensor_types(path).items(), key=lambda x: -x[1]))
-    return f"{path.name} ({meta(path, 'general.name', '')}; {counts} tensors, dequantized to the run's dtype)"
-
-
 def hf_model(path: Path, cfg, dtype: torch.dtype, device):
     """LlamaForCausalLM of cfg, allocated once in dtype on device (as models.synthetic_model does) and
     filled from the file."""
