@@ -177,14 +177,6 @@ def weights_label(path: Path) -> str:
     return f"real (GGUF {t})" if t in ("F32", "F16", "BF16") else f"real (dequantized from {t})"
 
 
-def tensor_types(path: Path) -> dict:
-    """GGUF tensor type -> number of tensors, e.g. {'Q4_1': 210, 'F32': 61, 'Q8_0': 1}."""
-    out = {}
-    for t in reader(path).tensors:
-        out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
-    return out
-
-
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of gguf_export.permute (convert_hf_to_gguf.py's LlamaModel.permute): per head, the rows
     (pair j, element 0/1) go back to (half 0/1, index j), the layout HF's rotate_half expects."""
