@@ -10,6 +10,7 @@ import torch
 from llmbench import engines as engine
 from llmbench.engines import llamacpp as engine_llamacpp
 from llmbench.model import gguf_export
+from llmbench.model.rope import rope_freqs
 from llmbench.system import llamacpp_build
 from llmbench.engines import LoadRequest
 from llmbench.model.models import load_model
@@ -51,7 +52,7 @@ def test_rope_freqs_are_transformers_llama3_scaling(model):
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     dim, base = head_dim(cfg), cfg.rope_parameters["rope_theta"]
     plain = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    np.testing.assert_allclose(gguf_export.rope_freqs(cfg), (plain / scaled).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(rope_freqs(cfg), (plain / scaled).numpy(), rtol=1e-5)
 
 
 def test_gguf_holds_the_torch_weights_and_is_cached():

@@ -64,7 +64,7 @@ def test_pickle_only_weights_are_refused(tmp_path):
 def test_bad_weights_and_models_name_the_value(tmp_path):
     with pytest.raises(UserError, match=r"weights '/no/such/dir' does not exist; valid: 'synthetic'"):
         models.load_model("tiny-1b", weights="/no/such/dir")
-    with pytest.raises(UserError, match=r"unknown model 'llama-9b'; valid: llama-3.2-1b, llama-3.2-3b, tiny-1b, tiny-3b"):
+    with pytest.raises(UserError, match=r"unknown model 'llama-9b'; valid: llama-3.2-1b, llama-3.2-3b, smollm2-135m, tiny-1b, tiny-3b"):
         models.load_model("llama-9b")
     src, _ = models.load_model("tiny-3b")
     src.save_pretrained(tmp_path / "w3", safe_serialization=True)

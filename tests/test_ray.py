@@ -15,7 +15,6 @@ import yaml
 from conftest import LLMBENCH, ROOT, cli
 from llmbench.measure import ceilings
 from llmbench.orchestration import ray_executor as run_ray
-from llmbench.orchestration import runner
 from llmbench.orchestration.grid import load_grid
 from llmbench.measure.records import COLUMNS, read_all
 from llmbench.core.files import read_json, write_json

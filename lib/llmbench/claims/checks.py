@@ -25,7 +25,7 @@ from llmbench.core import paths
 from llmbench.core.stats import ratio_of_medians
 from llmbench.measure.ceilings import load_specs
 from llmbench.model import costmodel as cm
-from llmbench.model.models import describe_model, load_config
+from llmbench.model.models import describe_model, is_real, load_config
 from llmbench.results import fmt, frame, ratios
 from llmbench.results import anomalies as A
 
@@ -426,8 +426,13 @@ def quant_speedup(claim, ctx):
 
 def quant_robustness(claim, ctx):
     d = frame.ok(ctx.df, metric="kl_mean")
-    if d.empty or set(d.weights) != {"real"}:
-        return {"value": "fidelity measured on synthetic weights only" if len(d) else "no fidelity records",
+    trained = sorted(set(d[d.weights.map(is_real) & ~d.model.isin(MODELS)].model))  # e.g. smollm2-135m
+    d = d[d.model.isin(MODELS)]
+    if d.empty or not d.weights.map(is_real).all() or set(d.model) != set(MODELS):
+        value = "fidelity of Llama 3.2 measured on synthetic weights only" if len(d) else "no Llama 3.2 fidelity records"
+        if trained:
+            value += f"; the fidelity measurement ran on the trained {', '.join(trained)} (see the trained-model section)"
+        return {"value": value,
                 "verdict": untestable("real weights of both models (random weights have no outlier channels, which "
                                       "are what quantization errors depend on in real LLMs)"),
                 "basis": "measured", "why": ""}

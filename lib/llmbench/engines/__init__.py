@@ -14,6 +14,7 @@ and may add the optional hooks of OPTIONAL (the interface's defaults stand in wh
   decode_logits(e, state, token) -> (state, logits)   one step that returns its fp32 logits [batch, vocab]
   reference(e) -> Engine | None           the eager engine over this engine's very own weight tensors
                                           (the agreement check's reference), or None
+  close(e) -> None                        free the engine's native memory now (llama.cpp), not at collection
 The Engine record carries what the cost model and the records need (bytes streamed per step, compute
 dtype, load/quantize/compile times, a description of what actually runs).
 """
@@ -110,6 +111,7 @@ def _no_decode_logits(e: Engine, state, token):
 OPTIONAL = {
     "decode_logits": _no_decode_logits,
     "reference": lambda e: None,
+    "close": lambda e: None,  # Python engines free with their tensors
 }
 
 
@@ -123,3 +125,7 @@ def decode_logits(e: Engine, state, token):
 
 def reference(e: Engine) -> Engine | None:
     return _hook(e, "reference")(e)
+
+
+def close(e: Engine) -> None:
+    _hook(e, "close")(e)

@@ -31,7 +31,7 @@ import torch
 from llmbench.core.errors import Unsupported
 from llmbench.engines import Engine, LoadRequest
 from llmbench.model import gguf_export
-from llmbench.model.models import check_weights_path, load_config, load_tokenizer
+from llmbench.model.models import check_weights_path, load_config, load_tokenizer, weights_label
 from llmbench.system.device import backend
 from llmbench.system.llamacpp_build import BUILD_INFO
 from llmbench.system.llamacpp_build import not_built
@@ -183,7 +183,7 @@ def load(req: LoadRequest) -> Engine:
     e = Engine(
         name="llamacpp", model=model, cfg=cfg, kind=req.kind, dtype=req.dtype, quant=req.quant,
         compute_dtype=compute_dtype(t, req.dtype, req.kind), weight_bytes=wbytes, read_bytes=read,
-        weights="synthetic" if weights == "synthetic" else "real", weights_source=weights,
+        weights=weights_label(weights), weights_source=weights,
         tokenizer=load_tokenizer(req.weights, req.tokens), load_s=load_s, quantize_s=g.export_s, description=desc,
         max_batch=req.max_batch, max_seq=req.max_seq,
         extra={"ctx": ctx, "batch": batch, "n_vocab": n_vocab, "gguf_type": t, "gguf": str(g.path),

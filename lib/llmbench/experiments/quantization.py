@@ -13,6 +13,7 @@ from llmbench.experiments.plans import QuantPlan
 from llmbench.experiments.session import Session, add, config_fields, load, row
 from llmbench.measure.fidelity import compare_logits, perplexity
 from llmbench.model.inputs import make_batch
+from llmbench.model.models import is_real
 from llmbench.system.device import empty_cache, torch_device
 
 SYNTHETIC_NOTE = ("synthetic weights: random weights have no outlier channels, so this is not the fidelity "
@@ -37,7 +38,7 @@ def run(sess: Session, plan: QuantPlan) -> list[dict]:
         f = config_fields(e)
         fid_ids, src = make_batch(fidelity_batch, fidelity_len, e.cfg, seed + 1, e.tokenizer)
         logits = engine.logits(e, fid_ids.to(dev))
-        note = SYNTHETIC_NOTE if e.weights == "synthetic" else "real weights"
+        note = SYNTHETIC_NOTE if e.weights == "synthetic" else f"{e.weights} weights"
         if method == "none":
             ref = logits
             latency.agreement(sess, e, prompt_len, latency.AGREEMENT_STEPS, seed)  # graph engines vs eager
@@ -47,7 +48,7 @@ def run(sess: Session, plan: QuantPlan) -> list[dict]:
                           prompt_len=fidelity_len, tokens=src, note=note, **f)
                       for k, u in (("kl_mean", "nats"), ("kl_max", "nats"), ("top1_agreement", "share"),
                                    ("rel_logit_error", "ratio"))])
-        if e.weights == "real" and e.tokenizer is not None:
+        if is_real(e.weights) and e.tokenizer is not None:
             ids, corpus = make_batch(1, fidelity_len * 4, e.cfg, 0, e.tokenizer)
             add(sess, row(sess, [perplexity(engine.logits(e, ids.to(dev)), ids)], experiment="fidelity",
                          metric="perplexity", unit="", tokens=corpus, **f))

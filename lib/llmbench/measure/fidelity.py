@@ -11,6 +11,8 @@ import math
 
 import torch
 
+FIDELITY_PPL = "perplexity_fidelity_row0"  # metric: perplexity of a method on the fidelity inputs' English row
+
 
 def compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict:
     ref, test = ref.double(), test.double()

@@ -25,7 +25,9 @@ import torch
 
 from llmbench.core import paths
 from llmbench.model import models
+from llmbench.model.gguf_import import resolve
 from llmbench.model.models import head_dim, load_model
+from llmbench.model.rope import rope_freqs
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # gguf.LlamaFileType
@@ -48,8 +50,8 @@ def weights_key(weights: str, seed: int) -> str:
         import inspect
         code = inspect.getsource(models.synthetic_model) + inspect.getsource(models._fill_synthetic)
         return f"synthetic-seed{seed}-{hashlib.sha256(code.encode()).hexdigest()[:8]}"
-    p = Path(weights).expanduser()
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    p = resolve(weights) or Path(weights).expanduser()  # a GGUF source is named by its own file
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p] if p.suffix == ".gguf" else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     return "real-" + hashlib.sha256(json.dumps([str(p.resolve()) if p.is_dir() else weights, stamp]).encode()).hexdigest()[:12]
 
@@ -61,29 +63,6 @@ def cache_path(model: str, weights: str, seed: int, src_dtype: str, gguf_type: s
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """convert_hf_to_gguf.py's LlamaModel.permute: per head, interleave the two rotate_half halves."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def rope_freqs(cfg) -> np.ndarray | None:
-    """llama3 rope scaling as llama.cpp's rope_freqs tensor: the divisor of each base frequency."""
-    rs = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
-    if (rs.get("rope_type") or rs.get("type") or "").lower() != "llama3":
-        return None
-    base = rs.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0
-    dim = head_dim(cfg)
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factor, lo, hi = rs.get("factor", 8.0), rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-    old = rs.get("original_max_position_embeddings", 8192)
-    out = []
-    for f in freqs.tolist():
-        wavelen = 2 * math.pi / f
-        if wavelen < old / hi:
-            out.append(1.0)
-        elif wavelen > old / lo:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - lo) / (hi - lo)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
 
 
 def gguf_name(hf: str) -> str | None:

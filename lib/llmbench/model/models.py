@@ -16,7 +16,10 @@ import torch
 
 from llmbench.core import paths
 from llmbench.core.errors import UserError, check_choice
+from llmbench.model import gguf_import
+from llmbench.model.gguf_import import NAMES  # trained models shipped as GGUF: their config is the file's metadata
 from llmbench.model.inputs import TOKENS
+from llmbench.model.shapes import head_dim
 from llmbench.model.tokenizers import load
 from llmbench.system.device import DTYPE_BYTES, DTYPES, torch_device
 from llmbench.system.device import synchronize
@@ -25,11 +28,13 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def model_names() -> list[str]:
-    return sorted(p.stem for p in paths.MODELS.glob("*.json"))
+    return sorted([p.stem for p in paths.MODELS.glob("*.json")] + list(NAMES))
 
 
 def config_dict(name: str) -> dict:
     check_choice("model", name, model_names())
+    if name in gguf_import.NAMES:
+        return gguf_import.config_dict(gguf_import.shipped_path(name))
     return json.loads((paths.MODELS / f"{name}.json").read_text())
 
 
@@ -37,10 +42,6 @@ def load_config(name: str):
     from transformers import LlamaConfig
     d = {k: v for k, v in config_dict(name).items() if not k.startswith("_")}
     return LlamaConfig(**d)
-
-
-def head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def layer_linear_params(cfg) -> int:
@@ -116,8 +117,9 @@ def synthetic_model(name: str, dtype: str, device: str, seed: int = 0):
 
 
 def check_weights_path(weights: str) -> str:
-    """'synthetic', an existing directory with *.safetensors, or a hub id; else a clear error."""
-    if weights == "synthetic":
+    """'synthetic', a GGUF (shipped name or *.gguf file), an existing directory with *.safetensors, or a hub id;
+    else a clear error."""
+    if weights == "synthetic" or gguf_import.resolve(weights) is not None:
         return weights
     p = Path(weights).expanduser()
     if p.is_dir():
@@ -127,11 +129,26 @@ def check_weights_path(weights: str) -> str:
                             "only safetensors weights are loaded - convert pytorch_model.bin first")
         return str(p)
     if p.exists():
-        raise UserError(f"weights {str(p)!r} is a file; give the directory that holds config.json and *.safetensors")
+        raise UserError(f"weights {str(p)!r} is a file; give a *.gguf file or the directory that holds config.json "
+                        "and *.safetensors")
     if HUB_ID.match(weights) and not weights.startswith((".", "/", "~")):
         return weights
-    raise UserError(f"weights {weights!r} does not exist; valid: 'synthetic', a local directory with "
-                    "config.json and *.safetensors, or a hub id (org/name) already in the local cache")
+    raise UserError(f"weights {weights!r} does not exist; valid: 'synthetic', {', '.join(gguf_import.NAMES)} (a "
+                    "shipped GGUF), a Llama *.gguf file, a local directory with config.json and *.safetensors, "
+                    "or a hub id (org/name) already in the local cache")
+
+
+def weights_label(weights: str) -> str:
+    """The records' `weights`: synthetic, real, or real (dequantized from <GGUF type>)."""
+    if weights == "synthetic":
+        return weights
+    g = gguf_import.resolve(weights)
+    return gguf_import.weights_label(g) if g is not None else "real"
+
+
+def is_real(label) -> bool:
+    """True for trained weights, whatever rounding they went through (a `weights` value of the records)."""
+    return str(label).startswith("real")
 
 
 def _matches(cfg, expected) -> list[str]:
@@ -145,6 +162,13 @@ def pretrained_model(name: str, weights: str, dtype: str, device: str):
     """Load real weights. Offline: a hub id must already be in the local cache."""
     from transformers import AutoConfig, AutoModelForCausalLM
     src = check_weights_path(weights)
+    g = gguf_import.resolve(src)
+    if g is not None:  # the named architecture, filled from the file (whose own config must match it)
+        cfg = load_config(name)
+        wrong = gguf_import.mismatches(g, cfg)
+        if wrong:
+            raise UserError(f"weights {weights!r} do not have the architecture of {name}: {', '.join(wrong)}")
+        return gguf_import.hf_model(g, cfg, DTYPES[dtype], torch_device(device))
     try:
         cfg = AutoConfig.from_pretrained(src, trust_remote_code=False, local_files_only=True)
     except OSError as e:
@@ -166,6 +190,9 @@ def load_tokenizer(weights: str, tokens: str = "corpus"):
     check_choice("tokens", tokens, TOKENS)
     if tokens == "random":
         return None
+    g = gguf_import.resolve(weights) if weights != "synthetic" else None
+    if g is not None:  # the file's own tokenizer; one it cannot build is an error, never Llama 3's by default
+        return gguf_import.tokenizer(g)
     if weights != "synthetic":
         from transformers import AutoTokenizer
         try:
@@ -185,5 +212,5 @@ def load_model(name: str, weights: str = "synthetic", dtype: str = "fp32", devic
     else:
         model = pretrained_model(name, weights, dtype, device)
     synchronize(device)
-    return model, {"weights": "synthetic" if weights == "synthetic" else "real", "weights_source": weights,
+    return model, {"weights": weights_label(weights), "weights_source": weights,
                    "seed": seed if weights == "synthetic" else None, "load_s": time.perf_counter() - t0}

@@ -342,8 +342,8 @@ def quant_text(df) -> str:
     if not (d.dtype.isin(["bf16", "fp16"])).any():
         text += (" No 16-bit baseline ran on this device, so speed-ups are against fp32 only; the seed reasons "
                  "from 16-bit, where int8 weights halve the bytes (fp32: a quarter).")
-    if set(d.weights.dropna()) == {"synthetic"}:
-        text += (" **The fidelity columns come from synthetic weights and do not predict real-model quality.** "
+    if (d.weights == "synthetic").any():  # rows on trained weights (e.g. smollm2-135m) say so in "fidelity on"
+        text += (" **The fidelity columns of rows on synthetic weights do not predict real-model quality.** "
                  "Random weights have no outlier channels (which make real weights hard to quantize), and their "
                  "logits are nearly flat, so a small error flips the top-1 token often: a low top-1 agreement here "
                  "is expected and is not an alarm.")
