@@ -455,6 +455,14 @@ def fake_torch_npu(monkeypatch, chip="Ascend910B2", cann="8.5.0", nz_single_op=F
     return npu, mod
 
 
+@pytest.fixture(autouse=True)
+def _no_memory_canary(monkeypatch):
+    """Watched windows skip the memory canary (two reads of a 256-512 MiB buffer at each edge, tens of ms
+    each, and the buffer itself); tests/test_canary.py switches it back on where it is the subject."""
+    from llmbench.system import canary
+    monkeypatch.setattr(canary, "ENABLED", False)
+
+
 @pytest.fixture
 def fake_npu(monkeypatch):
     """A fake torch_npu: importing it installs a recording torch.npu, as the real one does (chip Ascend910B2)."""

@@ -12,7 +12,7 @@ from llmbench.system import energy
 from llmbench import engines as engine
 from llmbench.system import noise
 from llmbench.system.device import empty_cache, free_memory, is_oom
-from llmbench.experiments.latency import generate_cost, ids_for, recompile_status
+from llmbench.experiments.latency import generate_cost, ids_for, read_ceiling, recompile_status
 from llmbench.measure.timing import time_decode, time_generate, time_prefill, watched
 from llmbench.experiments.plans import BatchPlan
 from llmbench.experiments.session import Session, add, add_compile_times, config_fields, row
@@ -61,7 +61,7 @@ def one_batch(sess: Session, e, b, prompt_len, new_tokens, warmup, repeats, seed
     """Batch b: prefill and decode tokens/s, generate latency, tokens/s, requests/s, peak memory; or OOM.
     timed_at_batch_1: (TTFT row, TPOT row) that latency.prefill/decode just measured on this very prompt
     at batch 1 with these steps: their samples serve instead of timing the same calls twice."""
-    kind = sess.kind
+    kind, ceil = sess.kind, read_ceiling(sess)  # the memory canary of every window is held to the read ceiling
     ids, src = ids_for(sess, e, b, prompt_len, seed)
     common = dict(batch=b, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))
     need = cm.footprint_bytes(e.cfg, 0, b, prompt_len + new_tokens, e.dtype)
@@ -74,13 +74,13 @@ def one_batch(sess: Session, e, b, prompt_len, new_tokens, warmup, repeats, seed
         if timed_at_batch_1 and b == 1:
             (pre, pre_st, pre_c), (blocks, dec_st, dec_c) = map(_timed_rows, timed_at_batch_1)
         else:
-            (pre, pre_rc), _, _, pre_c = watched(lambda: time_prefill(e, ids, kind, warmup, repeats), e, kind)
+            (pre, pre_rc), _, _, pre_c = watched(lambda: time_prefill(e, ids, kind, warmup, repeats), e, kind, ceil)
             (blocks, dec_rc), _, _, dec_c = watched(
-                lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), e, kind)
+                lambda: time_decode(e, ids, kind, steps=decode_steps, warmup=warmup, repeats=repeats), e, kind, ceil)
             pre_st, dec_st = recompile_status(pre_rc), recompile_status(dec_rc)
             pre_c, dec_c = noise.fields(pre_c), noise.fields(dec_c)
         (gen, gen_rc), peak, label, gen_c = watched(
-            lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), e, kind)
+            lambda: time_generate(e, ids, new_tokens, kind, warmup, repeats), e, kind, ceil)
     except Exception as exc:
         if not is_oom(exc):
             raise

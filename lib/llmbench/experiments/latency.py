@@ -24,6 +24,11 @@ def ids_for(sess: Session, e, batch, length, seed):
     return ids.to(torch_device(sess.kind)), source
 
 
+def read_ceiling(sess: Session) -> float | None:
+    """The run's measured read bandwidth (B/s): what the memory canary of each watched window is held to."""
+    return (sess.ceilings or {}).get("bandwidth")
+
+
 def recompile_status(n: int) -> str:
     """A compilation inside timed calls means the samples timed a compiler: never report them as ok."""
     return "ok" if n == 0 else f"error: {n} compilation(s) during the timed calls (samples include compile time)"
@@ -32,7 +37,7 @@ def recompile_status(n: int) -> str:
 def prefill(sess: Session, e, length, warmup, repeats, seed, batch=1):
     ids, src = ids_for(sess, e, batch, length, seed)
     (samples, recompiles), peak, label, cond = watched(
-        lambda: time_prefill(e, ids, sess.kind, warmup, repeats), e, sess.kind)
+        lambda: time_prefill(e, ids, sess.kind, warmup, repeats), e, sess.kind, read_ceiling(sess))
     common = dict(batch=batch, prompt_len=length, tokens=src, **config_fields(e))
     add_compile_times(sess, e)
     return add(sess, [row(sess, samples, flops=cm.prefill_flops(e.cfg, batch, length),
@@ -45,7 +50,7 @@ def prefill(sess: Session, e, length, warmup, repeats, seed, batch=1):
 def decode(sess: Session, e, context, steps, warmup, repeats, seed, batch=1):
     ids, src = ids_for(sess, e, batch, context, seed)
     (blocks, recompiles), peak, label, cond = watched(
-        lambda: time_decode(e, ids, sess.kind, steps=steps, warmup=warmup, repeats=repeats), e, sess.kind)
+        lambda: time_decode(e, ids, sess.kind, steps=steps, warmup=warmup, repeats=repeats), e, sess.kind, read_ceiling(sess))
     mid = context + warmup + steps // 2  # the cache grows during the timed steps; cost at its middle
     common = dict(batch=batch, prompt_len=context, context_len=context + warmup, tokens=src, **config_fields(e))
     add_compile_times(sess, e)
@@ -72,7 +77,7 @@ def generate(sess: Session, e, prompt_len, new_tokens, steps, warmup, repeats, s
     tpot = tpot or decode(sess, e, prompt_len, steps, warmup, repeats, seed)
     ids, src = ids_for(sess, e, 1, prompt_len, seed)
     (samples, recompiles), _, _, cond = watched(
-        lambda: time_generate(e, ids, new_tokens, sess.kind, warmup, repeats), e, sess.kind)
+        lambda: time_generate(e, ids, new_tokens, sess.kind, warmup, repeats), e, sess.kind, read_ceiling(sess))
     predicted = ttft["median"] + (new_tokens - 1) * tpot["median"]
     flops, nbytes = generate_cost(e.cfg, e.read_bytes, 1, prompt_len, new_tokens, e.dtype)
     common = dict(batch=1, prompt_len=prompt_len, new_tokens=new_tokens, tokens=src, **config_fields(e))

@@ -14,6 +14,7 @@ from llmbench.core.keys import CONFIG_KEYS, STUDIES
 from llmbench.measure import ceilings
 from llmbench.measure.records import record, write_records
 from llmbench.model.costmodel import efficiency
+from llmbench.system import canary
 from llmbench.system import energy
 from llmbench.system.device import describe
 
@@ -83,7 +84,8 @@ def row(sess: Session, samples=None, flops=None, nbytes=None, compute_dtype=None
         m = efficiency(flops, nbytes, r["median"], ceil["flops"].get(dt), ceil["bandwidth"])
         s = efficiency(flops, nbytes, r["median"], spec["flops"].get(dt), spec["bandwidth"])
         r.update(flops=flops, bytes=nbytes, bound_s=m["bound_s"], mbu=m["mbu"], mfu=m["mfu"],
-                 bound_spec_s=s["bound_s"], mbu_spec=s["mbu"], mfu_spec=s["mfu"])
+                 bound_spec_s=s["bound_s"], mbu_spec=s["mbu"], mfu_spec=s["mfu"],
+                 mbu_window=canary.mbu_window(nbytes, r["median"], r.get("canary_before_gbs"), r.get("canary_after_gbs")))
     return r
 
 

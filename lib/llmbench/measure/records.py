@@ -32,8 +32,15 @@ COLUMNS = {
     "other_cores": "CPU cores used by other processes during the kept window, averaged over it",
     "steal_share": "share of CPU time stolen by the hypervisor during the kept window",
     "cpu_mhz": "lowest core clock at the end of the kept window, MHz (None: not exposed)",
+    "canary_before_gbs": "CPU memory canary: read rate of a buffer beyond the last-level cache just before the "
+                         "kept window's measurement, GB/s (system/canary.py; None: not a CPU run or not read)",
+    "canary_after_gbs": "the same read just after it",
+    "canary_note": "how the canary was read; on accelerators the clocks and states at the window's start -> end "
+                   "(NVML clocks and throttle reasons, npu-smi AI core clock and health)",
     "flops": "useful FLOPs of one measured unit (cost model)", "bytes": "bytes moved by one unit (cost model)",
     "bound_s": "lower-bound time against the measured ceilings", "mbu": "bytes/s over measured bandwidth",
+    "mbu_window": "bytes/s over the kept window's own canary read rate (mean of its two reads): an MBU above "
+                  "100% with mbu_window below it means the ceiling was read in a slower minute",
     "mfu": "FLOP/s over measured peak", "bound_spec_s": "lower bound against the published spec",
     "mbu_spec": "", "mfu_spec": "",
     "predicted_s": "generate rows: the time TTFT + (n-1) x TPOT of the same prompt predicts",

@@ -9,7 +9,12 @@ Every shape that is timed is also run untimed first: accelerators and compiled e
 shape on first use (that time is the engine's compile time, never part of a sample). A compilation
 during the timed calls is counted and returned, so the caller can refuse the samples.
 """
+import functools
+
 from llmbench import engines as engine
+from llmbench.core.errors import Unsupported
+from llmbench.model.quant import cpu_gemv
+from llmbench.system import canary
 from llmbench.system import noise
 from llmbench.system.device import peak_memory, reset_peak_memory, timed
 
@@ -59,11 +64,27 @@ def time_generate(e, ids, new_tokens: int, kind: str, warmup: int = 1, repeats: 
     return samples, compiles_so_far(e) - before
 
 
-def watched(fn, e, kind: str):
-    """fn() as one watched measurement: redone while other processes disturb its window (noise.measure),
+def watched(fn, e, kind: str, ceiling_bps: float | None = None):
+    """fn() as one watched measurement: redone while other processes disturb its window or the memory
+    canary says the memory slowed down against ceiling_bps, the run's read ceiling (noise.measure),
     inside a peak-memory window. (result, peak bytes, what the peak measures, noise.Conditions)."""
-    (out, peak, label), cond = noise.measure(lambda: with_peak_memory(fn, kind, e), kind)
+    reader = canary_reader() if kind == "cpu" and canary.ENABLED else None
+    (out, peak, label), cond = noise.measure(lambda: with_peak_memory(fn, kind, e), kind,
+                                             ceiling_bps=ceiling_bps, reader=reader)
     return out, peak, label, cond
+
+
+@functools.cache
+def canary_reader() -> tuple[str, object]:
+    """(label, fn(x)) reading the CPU canary buffer once: the ceiling probe's C read loop (cpu_gemv.c, the
+    most streams per thread), so the canary reads as the ceiling did; torch's sum where the kernel
+    library does not build here, and the label says so."""
+    try:
+        cpu_gemv.library()
+    except Unsupported as why:
+        return f"torch sum (C read loop unavailable: {str(why)[:80]})", lambda x: float(x.sum())
+    n = max(cpu_gemv.READ_STREAMS)
+    return f"C read loop (cpu_gemv.c), {n} streams per thread", lambda x: cpu_gemv.read_f32(x, n)
 
 
 def with_peak_memory(fn, kind: str, e=None):

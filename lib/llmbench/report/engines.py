@@ -41,7 +41,7 @@ def engine_table(df) -> pd.DataFrame:
         r = g.loc[g.context_len.idxmin()]
         row = {**{c: cfg[c] for c in keys if c != "device"},
                "TPOT": fmt.fmt_ci(r["median"], r.ci_low, r.ci_high, fmt.fmt_time) + f" (context {int(r.context_len)})",
-               "decode MBU": f"{r.mbu:.0%}" if fmt.is_finite(r.mbu) else ""}
+               "decode MBU": fmt.fmt_mbu(r.mbu, r.get("mbu_window"))}
         tt = _sel(frame.ok(df, metric="ttft", batch=1), cfg)
         if len(tt):
             f = tt.loc[tt.prompt_len.idxmax()]

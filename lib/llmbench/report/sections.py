@@ -13,11 +13,12 @@ from llmbench.model import costmodel as cm
 from llmbench.model.inputs import tokens_per_char
 from llmbench.model.models import load_config, load_tokenizer
 from llmbench.results.decode_fit import fits, implied_ratio
-from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_time, is_finite
+from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_mbu, fmt_time, is_finite
 from llmbench.results.frame import (LONG_PROMPT, REQUEST, config_keys, device_kind, latency_rows, ok, pair,
                                     published_ratios, repeats, trend, weights_used)
 from llmbench.results.ratios import ratio_table, weight_ratio
 from llmbench.results.anomalies import record_flags
+from llmbench.system.canary import PREFIX as CANARY_PREFIX
 
 
 # --- provenance ---------------------------------------------------------------------------------------
@@ -71,6 +72,15 @@ def noise_text(df) -> str:
         d = df.disturbance.dropna().astype(str).str.strip()
         d = d[~d.str.lower().isin(["", "none", "0", "0.0", "false"])]
         parts.append(f"{len(d)} records carry a disturbance note")
+        c = d[d.str.contains(CANARY_PREFIX, regex=False)]
+        if len(c):  # a redone window's reasons stay in its record's note, so these count redone and kept windows
+            windows = sum(seg.count(CANARY_PREFIX) > 0 for note in c for seg in note.split(" | "))
+            parts.append(f"{windows} windows of {len(c)} records were disturbed by the memory canary "
+                         "(memory read below the run's ceiling or moving within the window, or a throttled device)")
+    if "canary_before_gbs" in df and df.canary_before_gbs.notna().any():
+        reads = df[["canary_before_gbs", "canary_after_gbs"]].stack()
+        parts.append(f"the memory canary read {reads.min():.1f}-{reads.max():.1f} GB/s in "
+                     f"{df.canary_before_gbs.notna().sum()} records' windows")
     if "ci_method" in df and df.ci_method.notna().any():
         parts.append("CI methods: " + ", ".join(f"{m} ({n})" for m, n in df.ci_method.value_counts().items()))
     return ("Measurement noise: " + "; ".join(parts) + ".") if parts else ""
@@ -308,7 +318,7 @@ def quant_table(df) -> pd.DataFrame:
                "streamed per decode step": fmt_gb(tp["bytes"]) if tp is not None else "",
                "TTFT": fmt_time(tt["median"]) if tt is not None else "",
                "TPOT": fmt_time(tp["median"]) if tp is not None else "",
-               "decode MBU": f"{tp['mbu']:.0%}" if tp is not None and is_finite(tp["mbu"]) else ""}
+               "decode MBU": fmt_mbu(tp["mbu"], tp.get("mbu_window")) if tp is not None else ""}
         base = okd[(okd.metric == "tpot") & (okd.quant == "none") & (okd.model == cfg["model"])
                    & ((okd.engine == cfg["engine"]) if "engine" in cfg else True)]
         for bdt in ("bf16", "fp16", "fp32"):
@@ -375,12 +385,12 @@ def efficiency_table(df) -> pd.DataFrame:
             r = dec.loc[dec.context_len.idxmin()]
             rows.append({"model": model, "measure": f"decode, batch 1, context {int(r.context_len)}",
                          "time": fmt_time(r["median"]), "lower bound": fmt_time(r.bound_s),
-                         "MBU": f"{r.mbu:.1%}", "MFU": f"{r.mfu:.1%}"})
+                         "MBU": fmt_mbu(r.mbu, r.get("mbu_window"), ".1%"), "MFU": f"{r.mfu:.1%}"})
         if len(pre):
             r = pre.loc[pre.prompt_len.idxmax()]
             rows.append({"model": model, "measure": f"prefill, {int(r.prompt_len)} tokens",
                          "time": fmt_time(r["median"]), "lower bound": fmt_time(r.bound_s),
-                         "MBU": f"{r.mbu:.1%}", "MFU": f"{r.mfu:.1%}"})
+                         "MBU": fmt_mbu(r.mbu, r.get("mbu_window"), ".1%"), "MFU": f"{r.mfu:.1%}"})
     return pd.DataFrame(rows)
 
 
@@ -471,7 +481,8 @@ def summary_text(df, runs, checks, anomalies=None) -> str:
             f = tt.loc[tt.prompt_len.idxmax()]
             first = f"; first token after {fmt_time(f['median'])} for a {int(f.prompt_len)}-token prompt"
         out.append(f"- {m} ({engine}, {dtype}): {fmt_time(r['median'])} per output token at batch 1 (context "
-                   f"{int(r.context_len)}), {r.mbu:.0%} of measured memory bandwidth{flag}{first}.")
+                   f"{int(r.context_len)}), {fmt_mbu(r.mbu, r.get('mbu_window')) or 'n/a'} of measured memory "
+                   f"bandwidth{flag}{first}.")
     if p and len(t[t.metric == "TPOT"]):
         for k, g in t[t.metric == "TPOT"].groupby(["engine", "dtype"]):
             r = g.loc[g.tokens.idxmin()]

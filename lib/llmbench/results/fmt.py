@@ -31,3 +31,12 @@ def table_html(t: pd.DataFrame) -> str:
 
 def is_finite(x) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def fmt_mbu(mbu, window=None, spec: str = ".0%") -> str:
+    """An MBU (against the run's read ceiling) with, where the window's memory canary was read, the MBU
+    against that window's own read rate beside it: "119% (window 84%)" tells a slow ceiling from a bound
+    that was beaten. Empty where the MBU is unknown."""
+    if not is_finite(mbu):
+        return ""
+    return f"{mbu:{spec}}" + (f" (window {window:{spec}})" if is_finite(window) else "")

@@ -12,6 +12,9 @@ NVML reports it, how busy they kept it during the window.
 A window is disturbed when other processes took more than LIMITS.other_cores while less than
 LIMITS.free_cores stood idle (on a 16-core GPU host a daemon on a spare core disturbs nothing; on a
 2-core CPU run it does), when steal exceeds its limit, or when another process used the accelerator.
+A memory canary (canary.py) at both edges of each window catches what CPU accounting cannot: another
+guest on the memory bus (a read of a buffer beyond the last-level cache, against the run's own read
+ceiling and between the two edges), a throttled GPU (NVML), an unhealthy NPU (npu-smi).
 `measure` runs a whole measurement (all repeats of one TTFT, say) in a window and redoes it after a
 back-off while it is disturbed; a measurement that stays disturbed is returned marked, never dropped.
 """
@@ -22,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmbench.system import canary
 from llmbench.system import npu_smi
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -34,6 +38,8 @@ class Limits:
     free_cores: float = 1.0           # ...or more, as long as a whole core stood idle
     steal_share: float = 0.05         # of all CPU time, taken by the hypervisor
     device_util_pct: float = 5.0      # another process's SM utilization on our GPU (NVML)
+    canary_below_ceiling: float = 0.25  # a canary read this far below the run's read ceiling (00_device)...
+    canary_drift: float = 0.20        # ...or a window whose two canary reads differ by this share of the faster
 
 
 LIMITS = Limits()
@@ -173,10 +179,13 @@ class Window:
     device_source: str = ""
     cpu_why: list[str] = field(default_factory=list)      # why the CPU side was disturbed
     device_why: list[str] = field(default_factory=list)   # why the accelerator side was
+    canary_before: canary.Reading | None = None           # the memory canary just before the measurement
+    canary_after: canary.Reading | None = None            # and just after it (outside the timed calls)
+    canary_why: list[str] = field(default_factory=list)   # why the canary says the window was disturbed
 
     @property
     def why(self) -> list[str]:
-        return self.cpu_why + self.device_why
+        return self.cpu_why + self.device_why + self.canary_why
 
     @property
     def quiet(self) -> bool:
@@ -265,20 +274,24 @@ def settle(max_s: float, own_cores: float, limits: Limits = LIMITS, probe_s: flo
     return time.monotonic() - t0
 
 
-def measure(fn, kind: str = "cpu", max_attempts: int = 3, backoff_s: float = 2.0, limits: Limits = LIMITS):
+def measure(fn, kind: str = "cpu", max_attempts: int = 3, backoff_s: float = 2.0, limits: Limits = LIMITS,
+            ceiling_bps: float | None = None, reader=None):
     """(result, Conditions): fn() run in a watched window, redone while the window is disturbed.
 
     fn must be a whole measurement (warm-up and every repeat), safe to run again. Between attempts we
     wait up to backoff_s, then 2 x backoff_s, ... for the machine to calm down. A result that stays
     disturbed after max_attempts is returned all the same, marked; unreadable counters give quiet None.
+    The memory canary is read before and after each attempt, outside fn, and judged against
+    ceiling_bps (the run's read ceiling, B/s; None: only its drift is judged); reader (label, fn(x))
+    reads the canary buffer once on the CPU (None: torch's sum).
     """
     reasons = []
     for attempt in range(1, max_attempts + 1):
-        out, w = watch(fn, kind, limits)
+        out, w = watched_attempt(fn, kind, limits, ceiling_bps, reader)
         if w is None or w.quiet:
             break
         reasons.append(f"attempt {attempt}: " + "; ".join(w.why))
-        if attempt < max_attempts:  # wait for the CPU to calm down; a busy accelerator: wait it out
+        if attempt < max_attempts:  # wait for the CPU to calm down; a busy accelerator or memory bus: wait it out
             wait = backoff_s * 2 ** (attempt - 1)
             if w.cpu_why:
                 settle(wait, w.own_cores, limits)
@@ -287,16 +300,31 @@ def measure(fn, kind: str = "cpu", max_attempts: int = 3, backoff_s: float = 2.0
     return out, Conditions(window=w, attempts=attempt, reasons=reasons)
 
 
-FIELDS = ("quiet", "attempts", "disturbance", "other_cores", "steal_share", "cpu_mhz")  # what fields() returns
+def watched_attempt(fn, kind: str, limits: Limits, ceiling_bps: float | None = None, reader=None):
+    """watch(fn) between two canary readings; the canary's verdict joins the window's."""
+    before = canary.read(kind, reader, _visible_index("CUDA_VISIBLE_DEVICES"))
+    out, w = watch(fn, kind, limits)
+    after = canary.read(kind, reader, _visible_index("CUDA_VISIBLE_DEVICES")) if before is not None else None
+    if w is not None and before is not None:
+        w.canary_before, w.canary_after = before, after
+        w.canary_why = canary.verdict(before, after, ceiling_bps, limits.canary_below_ceiling, limits.canary_drift)
+    return out, w
+
+
+FIELDS = ("quiet", "attempts", "disturbance", "other_cores", "steal_share", "cpu_mhz",
+          "canary_before_gbs", "canary_after_gbs", "canary_note")  # what fields() returns
 
 
 def fields(c: Conditions) -> dict:
     """Record fields (records.COLUMNS) of a measurement's conditions."""
     w = c.window
+    b, a = (None, None) if w is None else (w.canary_before, w.canary_after)
+    gbs = lambda r: None if r is None or r.read_gbs is None else round(r.read_gbs, 3)
     return dict(quiet=c.quiet, attempts=c.attempts, disturbance=" | ".join(c.reasons) or None,
                 other_cores=None if w is None else round(w.other_cores, 3),
                 steal_share=None if w is None else round(w.steal_share, 4),
-                cpu_mhz=None if w is None else w.cpu_mhz)
+                cpu_mhz=None if w is None else w.cpu_mhz,
+                canary_before_gbs=gbs(b), canary_after_gbs=gbs(a), canary_note=canary.describe(b, a))
 
 
 # ---- before a grid ----------------------------------------------------------------------------
