@@ -68,15 +68,16 @@ wheelhouse:
 
 # The grid of the detected device; a failed point does not stop the report, but makes the exit status non-zero.
 study: setup
-	@dev=$$($(BIN)/llmbench detect) && grid=data/grids/$$dev.yaml && echo "device: $$dev -> grid $$grid" && \
+	@dev=$$($(BIN)/llmbench detect) && name=$$($(BIN)/llmbench detect --grid) && grid=data/grids/$$name.yaml && \
+	echo "device: $$dev -> grid $$grid" && \
 	if [ -n "$(NPU_HOST)" ] && [ "$$dev" != npu ]; then echo "*** WARNING: npu-smi exists but the NPU is not usable: \
 	$$($(BIN)/python -c 'from llmbench.system.device import availability; print(availability("npu")[1])'); running the $$dev grid ***" >&2; fi && \
-	$(BIN)/llmbench run $$grid; rc=$$?; echo "study results: data/runs/$$dev/"; \
-	$(BIN)/llmbench report data/runs/$$dev --figures figures --html report/index.html || exit 1; \
+	$(BIN)/llmbench run $$grid; rc=$$?; echo "study results: data/runs/$$name/"; \
+	$(BIN)/llmbench report data/runs/$$name --figures figures --html report/index.html || exit 1; \
 	exit $$rc
 
 report: setup
-	$(BIN)/llmbench report data/runs/$$($(BIN)/llmbench detect)
+	$(BIN)/llmbench report data/runs/$$($(BIN)/llmbench detect --grid)
 
 smoke: setup
 	$(BIN)/llmbench run data/grids/smoke.yaml

@@ -58,3 +58,18 @@ def test_weights_without_safetensors_are_refused_by_the_cli(tmp_path):
     r = cli("run-point", "01_latency", "--grid-dir", tmp_path, "--run-id", "r", "--params",
             json.dumps({"weights": str(tmp_path)}))
     _one_clean_error(r, str(tmp_path), "no *.safetensors", "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("kind, bf16, grid", [("npu", "", "npu"), ("npu", "no bf16 on 310P", "npu_fp16"),
+                                              ("cuda", "", "cuda"), ("cpu", "no fast kernel", "cpu")])
+def test_detect_grid_names_the_study_grid_of_the_device(monkeypatch, capsys, kind, bf16, grid):
+    """make study runs this grid: an NPU without bf16 (310P, 910A) gets npu_fp16, where bf16 points would all be
+    recorded as unsupported."""
+    from llmbench.cli import main
+    from llmbench.system import device
+    monkeypatch.setattr(device, "pick_device", lambda d: kind)
+    monkeypatch.setattr(device, "usable_dtypes", lambda k: {"fp32": "", "fp16": "", "bf16": bf16})
+    assert main(["detect", "--grid"]) == 0
+    assert capsys.readouterr().out.strip() == grid
+    from llmbench.core import paths
+    assert (paths.GRIDS / f"{grid}.yaml").is_file()

@@ -59,8 +59,12 @@ def cmd_env(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from llmbench.system.device import pick_device
-    print(pick_device("auto"))
+    from llmbench.system.device import pick_device, usable_dtypes
+    kind = pick_device("auto")
+    if not args.grid:
+        print(kind)
+    else:  # the study's grid for this device: an NPU without bf16 (310P, 910A) runs the fp16 one
+        print(f"{kind}_fp16" if kind == "npu" and usable_dtypes(kind)["bf16"] else kind)
     return 0
 
 
@@ -117,6 +121,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="npu, cuda, cpu or auto (default)")
     s.set_defaults(fn=cmd_env)
     s = sub.add_parser("detect", help="print the device kind the study would use: npu, cuda or cpu")
+    s.add_argument("--grid", action="store_true",
+                   help="print the name of the study's grid for that device instead (npu_fp16 on an NPU without bf16)")
     s.set_defaults(fn=cmd_detect)
     for name, fn, help_ in (("run", cmd_run, "run a grid file (skips finished points)"),
                             ("status", cmd_status, "show done, failed and pending points of a grid")):
