@@ -177,6 +177,6 @@ def test_the_claim_stays_untestable_with_a_trained_model_alone():
     from llmbench.claims import checks as C
     df = _frame([dict(samples=[1e-3], experiment="fidelity", metric="kl_mean", model=NAME, weights=REAL, quant="w8a8",
                       engine="eager", dtype="fp32", device="cpu")])
-    out = C.quant_robustness({}, {"df": df})
+    out = C.quant_robustness({}, C.ClaimContext(df=df, kind="cpu", pair=None))
     assert out["verdict"].startswith("not testable: needs real weights of both models")
     assert "smollm2-135m" in out["value"] and "Llama 3.2" in out["value"]
