@@ -39,7 +39,7 @@ def test_a_finished_point_counts_its_measured_duration(tmp_path):
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"status": "ok", "duration_s": 1234.0}))
     r = cli("run", "data/grids/cuda-quick.yaml", "--dry-run", "--runs", tmp_path)
-    assert _seconds(r.stdout)[p["run_id"]] == 1234 and "1 of 7 points at their measured duration" in r.stdout
+    assert _seconds(r.stdout)[p["run_id"]] == 1234 and "1 of 8 points at their measured duration" in r.stdout
 
 
 def test_more_work_costs_more():
