@@ -128,3 +128,26 @@ def test_the_smoke_grid_measures_the_pairs():
                    ("model", "tiny-1b", "eager", "tiny-3b")]
     cpu = [p["params"] for p in load_grid("data/grids/cpu.yaml")["points"] if p["notebook"] == "05_pairs"]
     assert sorted(p["engine"] for p in cpu) == ["compiled", "eager"] and {p["versus"] for p in cpu} == {"llama-3.2-3b"}
+
+
+def test_a_flagged_pair_side_takes_its_ratio_out_of_the_verdict():
+    df = _planted()
+    side = (df.experiment == "pair") & (df.metric == "tpot") & (df.model == "llama-3.2-3b")
+    df.loc[side, "bound_s"] = 1.0  # the 3B pair side is now faster than its lower bound
+    t = ratios.ratio_table(df)
+    paired = t[t.source.str.startswith("paired")]
+    assert len(paired) == 1 and "faster than its lower bound" in paired.flag.iat[0]
+    from llmbench.claims import check_all
+    got = {r["engine"]: r for r in check_all(df, pd.DataFrame()) if "3B/1B TPOT" in r["value"]}
+    # the verdict rests on the unflagged records only: without the pair's 3B side, the cross-point ratio
+    assert ratios.CROSS_POINT in got["compiled"]["value"] and "1.7" in got["compiled"]["value"]
+
+
+def test_eager_shares_the_compiled_engines_tensors_and_the_fit_counts_them_once():
+    a, b = {"model": "tiny-3b", "engine": "compiled", "quant": "none"}, {"model": "tiny-3b", "engine": "eager", "quant": "none"}
+    assert pairs.shares_weights(a, b) and not pairs.shares_weights(b, a)
+    assert not pairs.shares_weights({**a, "quant": "w8a8"}, {**b, "quant": "w8a8"})
+    one = pairs.estimated_bytes(a, "fp32", 64)
+    assert pairs.estimated_bytes({**a, "quant": "w8a8"}, "fp32", 64) > one
+    free = pairs.free_memory("cpu")
+    assert pairs.fits_together("cpu", a, b, "fp32", 64)[0] == (one <= pairs.HEADROOM * free)

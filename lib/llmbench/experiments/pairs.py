@@ -64,8 +64,10 @@ def estimated_bytes(side: dict, dtype: str, max_seq: int) -> float:
 
 
 def shares_weights(a: dict, b: dict) -> bool:
-    """Eager and compiled of one unquantized model: eager runs on the compiled engine's very tensors."""
-    return a["model"] == b["model"] and a["quant"] == b["quant"] == "none" and {a["engine"], b["engine"]} == {"eager", "compiled"}
+    """Side A compiled, side B eager, one unquantized model: B runs on the tensors A's compiled engine
+    keeps as its reference (no second copy)."""
+    return (a["model"] == b["model"] and a["quant"] == b["quant"] == "none"
+            and (a["engine"], b["engine"]) == ("compiled", "eager"))
 
 
 def fits_together(kind: str, a: dict, b: dict, dtype: str, max_seq: int) -> tuple[bool, str]:
@@ -218,7 +220,7 @@ def run(sess: Session, plan: PairPlan) -> list[dict]:
     conds = []
     if together:
         ea = _load_side(sess, fa, plan, n)
-        eb = ea and _load_side(sess, fb, plan, n, shared=ea if shares_weights(fa, fb) and fa["engine"] == "compiled" else None)
+        eb = ea and _load_side(sess, fb, plan, n, shared=ea if shares_weights(fa, fb) else None)
         if ea is None or eb is None:
             return sess.rows
         a, b = _side(sess, fa, ea, plan), _side(sess, fb, eb, plan)

@@ -37,12 +37,14 @@ def paired_ratios(df: pd.DataFrame) -> pd.DataFrame:
         lo, hi = median_ci(rounds)
         sd = sides[sides.run_id.isin(set(g.run_id))]
         s, l = sd[sd.model == p[0]], sd[sd.model == p[1]]
+        if not (len(s) and len(l)):
+            continue  # a side left out (df holds only unflagged records): the ratio rests on it, so it goes too
         work = max(l.flops.mean() / s.flops.mean(), l.bytes.mean() / s.bytes.mean()) \
-            if len(s) and len(l) and s.flops.notna().all() and l.flops.notna().all() else float("nan")
+            if s.flops.notna().all() and l.flops.notna().all() else float("nan")
         rows.append({"metric": "TPOT", **dict(zip(keys, k[:-1])), "tokens": int(k[-1]),
-                     p[0]: fmt_time(np.median(pooled(s))) if len(s) else "", p[1]: fmt_time(np.median(pooled(l))) if len(l) else "",
+                     p[0]: fmt_time(np.median(pooled(s))), p[1]: fmt_time(np.median(pooled(l))),
                      "ratio": float(np.median(pooled(g))), "ci_low": lo, "ci_high": hi, "work ratio": work,
-                     **{f"{m} MBU": x.mbu.median() if len(x) else float("nan") for m, x in zip(p, (s, l))},
+                     **{f"{m} MBU": x.mbu.median() for m, x in zip(p, (s, l))},
                      "flag": "; ".join(flagged_labels(sd, flags)),
                      "source": f"paired ({', '.join(sorted(set(g.pairing.dropna())))}): {len(rounds)} rounds in one process"})
     return pd.DataFrame(rows)
