@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import gc
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -37,6 +36,7 @@ from llmbench.core.errors import UserError, check_choice
 from llmbench.measure.timing import compiles_so_far
 from llmbench.model.quant.methods import METHODS
 from llmbench.core.errors import Unsupported
+from llmbench.experiments.pairs import weight_reader  # the grid's 05_pairs holds each step to the same read
 from llmbench.core.stats import flatten, ratio_of_medians
 from llmbench.model.inputs import make_batch
 
@@ -48,38 +48,6 @@ def read_bandwidth(kind: str) -> float:
     """Best read rate (B/s) of ceilings.measure_bandwidth's probes on a 1 GiB (cpu) or 4 GiB buffer."""
     rows = ceilings.measure_bandwidth(kind, (1024 if kind == "cpu" else 4096) * 2**20)
     return ceilings.from_records(pd.DataFrame(rows))["bandwidth"]
-
-
-def weight_reader(e, device_rate: float):
-    """() -> B/s: one read of the engine's own weight tensors, the very bytes a decode step streams,
-    wherever the allocator placed them (CPU: the C read loop with one and with four streams per thread,
-    the faster; torch's sum where it cannot be built).
-    On accelerators the device buffer's rate, measured once (their bandwidth does not drift like a VM's)."""
-    if e.kind != "cpu":
-        return lambda: device_rate
-    seen, flat = set(), []
-    weights = [*e.model.parameters(), *(b for n, b in e.model.named_buffers() if n.endswith("weight"))]  # int8 ones
-    for t in weights:
-        if t.data_ptr() not in seen and t.is_contiguous() and t.numel() * t.element_size() % 4 == 0:
-            seen.add(t.data_ptr())
-            flat.append(t.detach().reshape(-1).view(torch.float32))
-    nbytes = sum(f.numel() * 4 for f in flat)
-    try:
-        from llmbench.model.quant import cpu_gemv
-        cpu_gemv.library()
-        readers = [lambda f, n=n: cpu_gemv.read_f32(f, n) for n in cpu_gemv.READ_STREAMS]
-    except Unsupported:
-        readers = [torch.sum]
-
-    def rate():  # the faster of the access patterns (one or four streams per thread), read in turn
-        best = 0.0
-        for read in readers:
-            t0 = time.perf_counter()
-            for f in flat:
-                read(f)
-            best = max(best, nbytes / (time.perf_counter() - t0))
-        return best
-    return rate
 
 
 def load_model(name, dtype, quant, kind, context, steps, gen_tokens, device_rate):

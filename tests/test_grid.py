@@ -17,7 +17,7 @@ def write(tmp_path, doc, name="g.yaml"):
 
 def test_shipped_grids_are_valid_and_expand():
     sizes = {g: len(load_grid(f"data/grids/{g}.yaml")["points"]) for g in ("smoke", "cpu", "cuda", "npu")}
-    assert sizes["smoke"] == 9 and sizes["cpu"] == 14 and sizes["cuda"] > sizes["smoke"]
+    assert sizes["smoke"] == 12 and sizes["cpu"] == 16 and sizes["cuda"] > sizes["smoke"]
     engines = {p["params"].get("engine") for p in load_grid("data/grids/cpu.yaml")["points"]}
     assert {"eager", "compiled", "llamacpp"} <= engines  # the engine comparison is never shrunk away
     cpu = load_grid("data/grids/cpu.yaml")

@@ -200,7 +200,8 @@ def _ratio_rows(ctx, metric="TPOT", df=None):
 def tpot_ratio(claim, ctx):
     """One verdict per engine (and dtype): the ratio depends on how much of a step is fixed cost. The ratio
     at the smallest context whose records are unflagged and not below 1 decides, by its CI; a dispatch-bound
-    engine is not judged."""
+    engine is not judged. Where the pair experiment ran, ratios.ratio_table gives only its side-by-side
+    ratio for that configuration, so the verdict rests on it; the value names its source."""
     t = _ratio_rows(ctx, df=_all(ctx))
     if not _has_pair(ctx) or t.empty:
         return {"value": "no TPOT of both 1B and 3B", "verdict": untestable("batch-1 TPOT of both models"),
@@ -219,7 +220,8 @@ def tpot_ratio(claim, ctx):
         cand = cand[hi_ci >= 1] if len(cand) else cand
         r = cand.iloc[0] if len(cand) else first
         value = (f"3B/1B TPOT = {fmt.fmt_ci(r.ratio, r.ci_low, r.ci_high)} ({r.get('engine', 'eager')}, {r['dtype']}, "
-                 f"context {int(r['tokens'])}); weight-bytes ratio {ratios.weight_ratio(*MODELS):.2f}")
+                 f"context {int(r['tokens'])}; {r.get('source') or ratios.CROSS_POINT}); weight-bytes ratio "
+                 f"{ratios.weight_ratio(*MODELS):.2f}")
         mbus = {m: r.get(f"{m} MBU", float("nan")) for m in MODELS}
         if all(np.isfinite(v) for v in mbus.values()):
             value += "; decode MBU " + ", ".join(f"{m} {v:.0%}" for m, v in mbus.items())
@@ -426,9 +428,9 @@ def quant_speedup(claim, ctx):
 
 def quant_robustness(claim, ctx):
     d = frame.ok(ctx.df, metric="kl_mean")
-    trained = sorted(set(d[d.weights.map(is_real) & ~d.model.isin(MODELS)].model))  # e.g. smollm2-135m
+    trained = sorted(set(d[d.weights.map(is_real).astype(bool) & ~d.model.isin(MODELS)].model))  # e.g. smollm2-135m
     d = d[d.model.isin(MODELS)]
-    if d.empty or not d.weights.map(is_real).all() or set(d.model) != set(MODELS):
+    if d.empty or not d.weights.map(is_real).astype(bool).all() or set(d.model) != set(MODELS):
         value = "fidelity of Llama 3.2 measured on synthetic weights only" if len(d) else "no Llama 3.2 fidelity records"
         if trained:
             value += f"; the fidelity measurement ran on the trained {', '.join(trained)} (see the trained-model section)"

@@ -17,6 +17,8 @@ from llmbench.system.device import fastest_dtype, pick_device
 
 # Set by the runner for each grid point; a grid file may not set them.
 RESERVED = ("out_dir", "grid_dir")
+# What the two sides of a 05_pairs run differ in (experiments/pairs.py).
+PAIR_KINDS = ("model", "engine", "quant")
 
 
 @lru_cache(maxsize=None)
@@ -73,7 +75,8 @@ RULES = {
     "prompt_lens": _positive, "decode_contexts": _positive, "decode_steps": _positive, "gen_new_tokens": _positive,
     "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "prompt_len": _positive,
     "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,
-    "task_queue": _task_queue,
+    "task_queue": _task_queue, "pair": _choice(PAIR_KINDS), "decode_context": _positive,
+    "versus": lambda n, v: _choice([*model_names(), *ENGINES, *METHODS])(n, v),
 }
 
 

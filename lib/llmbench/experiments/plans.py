@@ -53,7 +53,15 @@ class QuantPlan(Repeats):
     fidelity_len: int = _help("tokens per compared sequence")
 
 
-PLANS = {"01_latency": LatencyPlan, "02_batch_sweep": BatchPlan, "03_quantization": QuantPlan}
+@dataclass(frozen=True, kw_only=True)
+class PairPlan(Repeats):
+    pair: str = _help("what the two sides differ in: model, engine or quant")
+    versus: str = _help("side B's value of the paired axis; the ratio is B's TPOT over A's")
+    decode_context: int = _help("tokens in the KV cache when a round's decode steps start")
+    decode_steps: int = _help("decode steps of each side timed one by one in each round")
+
+
+PLANS = {"01_latency": LatencyPlan, "02_batch_sweep": BatchPlan, "03_quantization": QuantPlan, "05_pairs": PairPlan}
 
 
 def plan_for(notebook: str, params: dict):

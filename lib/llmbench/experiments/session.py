@@ -2,6 +2,7 @@
 
 Records are saved after every step (atomically), so a run that dies later keeps what it measured.
 """
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,23 +95,25 @@ def config_fields(e) -> dict:
     return dict(weights=e.weights, weights_source=e.weights_source, quant=e.quant, engine=e.name)
 
 
-def load(sess: Session, method: str | None = None, max_batch: int = 1, max_seq: int = 256):
+def load(sess: Session, method: str | None = None, max_batch: int = 1, max_seq: int = 256, **request):
     """The engine of this run's parameters, loaded (and quantized, compiled) and its load recorded;
     None when the method or engine cannot run here (recorded as "unsupported: why").
-    max_batch and max_seq size a static engine's KV cache."""
+    max_batch and max_seq size a static engine's KV cache; `request`: LoadRequest fields that differ
+    from the run's parameters (the other side of a pair)."""
     p = sess.params
     method = method or p.get("quant", "none")
     req = engine.LoadRequest(engine=p.get("engine", "eager"), model=p["model"], weights=p["weights"],
                              dtype=p["dtype"], quant=method, kind=sess.kind, seed=p.get("seed", 0),
                              max_batch=max_batch, max_seq=max_seq, tokens=p.get("tokens", "corpus"),
                              task_queue=p.get("task_queue", 2))
+    req = dataclasses.replace(req, **request)
     try:
         e = engine.load(req)
     except Unsupported as why:
         add(sess, row(sess, experiment="load", metric="load", unit="", status=f"unsupported: {why}", quant=method,
-                      engine=req.engine, weights_source=req.weights))
+                      engine=req.engine, weights_source=req.weights, model=req.model))
         return None
-    f = config_fields(e)
+    f = {**config_fields(e), "model": req.model}
     add(sess, [row(sess, experiment="load", metric="load_time", unit="s", samples=[e.load_s], **f),
                row(sess, experiment="load", metric="quantize_time", unit="s", samples=[e.quantize_s], **f),
                row(sess, experiment="load", metric="weight_bytes", unit="bytes", samples=[e.weight_bytes],

@@ -13,8 +13,9 @@ from llmbench.core.stats import block_lengths, flatten, summarize
 # Column -> meaning. Units are in the metric name (…_s, …_bytes, …_per_s) and repeated in `unit`.
 COLUMNS = {
     "run_id": "grid point that produced the row",
-    "study": "which experiment notebook measured it: device | latency | batch_sweep | quantization (core/keys.STUDIES)",
-    "experiment": "device | load | prefill | decode | generate | batch | quant | fidelity | ceiling",
+    "study": "which experiment notebook measured it: device | latency | batch_sweep | quantization | pairs "
+             "(core/keys.STUDIES)",
+    "experiment": "device | load | prefill | decode | generate | batch | quant | fidelity | ceiling | pair",
     "model": "model name (data/models)", "weights": "synthetic or real", "weights_source": "path, hub id or 'synthetic'",
     "tokens": "where input ids came from: synthetic-ids, or corpus:<file> via <tokenizer>",
     "device": "npu | cuda | cpu", "device_name": "device model", "dtype": "activation/weight dtype",
@@ -44,6 +45,12 @@ COLUMNS = {
     "mfu": "FLOP/s over measured peak", "bound_spec_s": "lower bound against the published spec",
     "mbu_spec": "", "mfu_spec": "",
     "predicted_s": "generate rows: the time TTFT + (n-1) x TPOT of the same prompt predicts",
+    "pair": "pair records (experiment pair): the axis the two sides differ in: model | engine | quant",
+    "versus": "pair records: side B's value of that axis; a tpot_ratio is B's TPOT over side A's (the record's own)",
+    "pairing": "pair records: alternating (both sides loaded, rounds alternate) | sequential (one after the "
+               "other in one process: both did not fit in memory)",
+    "mbu_read": "pair records: median over steps of the step's bytes / its time / the read rate of the "
+                "engine's own weights measured just before it",
     "ceilings_run": "the 00_device run (same host and device) whose ceilings give bound_s, mbu and mfu; "
                     "quick-in-run: none there, measured quickly by this run", "note": "free text",
 }

@@ -97,13 +97,37 @@ def point_seconds(a: Anchors, point: dict) -> float:
         {"notebook": point["notebook"]}
     if point["notebook"] == "00_device":
         return a.point_overhead_s + IDLE_S[p["quick"]] + a.device_work_s["quick" if p["quick"] else "full"]
+    if point["notebook"] == "05_pairs":
+        return a.point_overhead_s + sum(_pair_side_s(a, side, p) for side in _pair_sides(p))
     model, engine = p["model"], p["engine"]
+    _check_tables(a, model, engine)
+    work, shapes = _cost(a, model, engine, p)
+    return a.point_overhead_s + work + (shapes * a.compile_s[model] if engine != "eager" else 0.0)
+
+
+def _check_tables(a: Anchors, model: str, engine: str) -> None:
     for key, table in (("compile_s", a.compile_s), ("prefill_tokens_per_s", a.prefill_tokens_per_s),
                        ("step_ms", a.step_ms.get(engine, {}))):
         if model not in table:
             raise UserError(f"estimate: {key} has no figure for {engine} {model}")
-    work, shapes = _cost(a, model, engine, p)
-    return a.point_overhead_s + work + (shapes * a.compile_s[model] if engine != "eager" else 0.0)
+
+
+def _pair_sides(p: dict) -> list[tuple[str, str]]:
+    """(model, engine) of each side of a 05_pairs point (experiments/pairs.sides, without loading torch)."""
+    a = {"model": p["model"], "engine": p["engine"], "quant": p["quant"]}
+    b = {**a, p["pair"]: p["versus"]}
+    return [(s["model"], s["engine"]) for s in (a, b)]
+
+
+def _pair_side_s(a: Anchors, side: tuple[str, str], p: dict) -> float:
+    """One side's rounds (pairs.time_round: a prefill, two untimed steps, the timed steps; warm-up rounds
+    too) and its two compiled shapes (prefill, decode)."""
+    model, engine = side
+    _check_tables(a, model, engine)
+    step = a.step_ms[engine][model] / 1e3
+    rounds = p["warmup"] + p["repeats"]
+    work = rounds * (_prefill(a, model, engine, p["decode_context"]) + (2 + p["decode_steps"]) * step)
+    return work + (2 * a.compile_s[model] if engine != "eager" else 0.0)
 
 
 def summary(a: Anchors | None, seconds: list[float], measured: int) -> str:

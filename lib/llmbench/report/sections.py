@@ -16,7 +16,7 @@ from llmbench.results.decode_fit import fits, implied_ratio
 from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_mbu, fmt_time, is_finite
 from llmbench.results.frame import (LONG_PROMPT, REQUEST, config_keys, device_kind, latency_rows, ok, pair,
                                     published_ratios, repeats, trend, weights_used)
-from llmbench.results.ratios import ratio_table, weight_ratio
+from llmbench.results.ratios import CROSS_POINT, ratio_table, weight_ratio
 from llmbench.results.anomalies import record_flags
 from llmbench.system.canary import PREFIX as CANARY_PREFIX
 
@@ -113,7 +113,7 @@ def latency_text(df) -> str:
         for dtype, g in tp.groupby("dtype"):
             lines.append(f"Per-token decode latency (TPOT) of {p[1]}{on}, {dtype}, is "
                          f"{fmt_ci(*g.iloc[0][['ratio', 'ci_low', 'ci_high']])} times that of {p[0]} at a context of "
-                         f"{int(g.iloc[0]['tokens'])} tokens"
+                         f"{int(g.iloc[0]['tokens'])} tokens ({g.iloc[0].get('source') or CROSS_POINT})"
                          + (f", and {fmt_ci(*g.iloc[-1][['ratio', 'ci_low', 'ci_high']])} at {int(g.iloc[-1]['tokens'])}."
                             if len(g) > 1 else "."))
         for dtype, g in tt.groupby("dtype"):
@@ -487,7 +487,7 @@ def summary_text(df, runs, checks, anomalies=None) -> str:
         for k, g in t[t.metric == "TPOT"].groupby(["engine", "dtype"]):
             r = g.loc[g.tokens.idxmin()]
             out.append(f"- {p[1]}/{p[0]} decode latency ratio ({' '.join(k)}): {fmt_ci(r.ratio, r.ci_low, r.ci_high)} "
-                       f"(weight bytes: {weight_ratio(*p):.2f})"
+                       f"(weight bytes: {weight_ratio(*p):.2f}; {r.get('source') or CROSS_POINT})"
                        + (" [rests on a flagged record: see *Anomalies*]." if r.get("flag") else "."))
     for k, v in largest_batch(df).items():
         name = " ".join(map(str, k))

@@ -19,7 +19,7 @@ def _trained_models(df) -> list[str]:
     """Models with real-weight agreement or fidelity records (e.g. smollm2-135m)."""
     if df.empty or "weights" not in df:
         return []
-    d = df[df.weights.map(is_real) & df.experiment.isin(["agreement", "fidelity"])]
+    d = df[df.weights.map(is_real).astype(bool) & df.experiment.isin(["agreement", "fidelity"])]
     return sorted(set(d.model.dropna()))
 
 
@@ -27,7 +27,7 @@ def agreement_lines(df) -> list[str]:
     """One line per engine and dtype: 'agrees with eager on a trained model for N of M steps'."""
     lines = []
     for model in _trained_models(df):
-        d = df[(df.model == model) & df.weights.map(is_real) & (df.experiment == "agreement")]
+        d = df[(df.model == model) & df.weights.map(is_real).astype(bool) & (df.experiment == "agreement")]
         for (eng, dt), g in d.groupby(["engine", "dtype"], sort=True):
             bad = g[g.status != "ok"]
             if len(bad) and (g.status == "ok").sum() == 0:
@@ -59,7 +59,7 @@ def fidelity_table(df) -> pd.DataFrame:
         d = df[(df.model == model) & (df.experiment == "fidelity")]
         if "notebook" in d:  # fidelity against an unquantized reference (the grid's 03 records keep their own table)
             d = d[d.notebook.astype(str) == "trained"] if (d.notebook.astype(str) == "trained").any() else d
-        real = d[d.weights.map(is_real)]
+        real = d[d.weights.map(is_real).astype(bool)]
         for (eng, q), g in real.groupby(["engine", "quant"], sort=False):
             st = g.status.iloc[0]
             row = {"model": model, "engine": eng, "method": q}
@@ -89,7 +89,7 @@ def perplexity_table(df) -> pd.DataFrame:
     rows = []
     for model in _trained_models(df):
         d = frame.ok(df, model=model, experiment="fidelity")
-        d = d[d.weights.map(is_real)]
+        d = d[d.weights.map(is_real).astype(bool)]
         for key in PPL_TEXTS:
             p, b = d[d.metric == f"perplexity_{key}"], d[d.metric == f"bits_per_char_{key}"]
             if p.empty:
