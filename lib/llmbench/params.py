@@ -60,6 +60,27 @@ def _weights(name, v):
     check_weights_path(v)
 
 
+def _non_negative(name, v):
+    if v < 0:
+        raise UserError(f"{name}={v!r}: must be 0 or more")
+
+
+def _port(name, v):
+    if not 0 <= v <= 65535:
+        raise UserError(f"{name}={v!r}: must be a TCP port, 1-65535 (0: a free one)")
+
+
+def _endpoint(name, v):
+    from .serving import check_url
+    if v:
+        check_url(v)
+
+
+def _servers():
+    from .serving import SERVERS
+    return SERVERS
+
+
 RULES = {
     "model": lambda n, v: _choice(model_names())(n, v),
     "device": _choice(DEVICES), "dtype": _choice([*DTYPES, "auto"]), "quant": _choice(METHODS),
@@ -67,6 +88,10 @@ RULES = {
     "prompt_lens": _positive, "decode_contexts": _positive, "decode_steps": _positive, "gen_new_tokens": _positive,
     "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "prompt_len": _positive,
     "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,
+    # 04_serving
+    "server": lambda n, v: _choice(_servers())(n, v), "endpoint": _endpoint, "rates": _positive,
+    "concurrencies": _positive, "requests": _positive, "run_s": _positive, "max_run_s": _positive,
+    "parallel": _positive, "threads": _non_negative, "warmup": _non_negative, "port": _port,
 }
 
 
