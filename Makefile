@@ -18,7 +18,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirements-llamacpp.txt requirements-npu.txt pyproject.toml \
-	  lib/llmbench/llamacpp_build.py | $(BIN)/python
+	  lib/llmbench/llamacpp_build.py lib/llmbench/llamaserver_build.py | $(BIN)/python
 	@if [ -n "$(NPU_HOST)" ]; then echo "npu-smi found: installing the CPU build of torch $(TORCH_VERSION) for torch_npu"; \
 	  $(BIN)/python -m pip install -q $(PIP_EXTRA) --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)" || exit 1; fi
 	$(BIN)/python -m pip install -q $(PIP_EXTRA) -r requirements.lock
@@ -29,6 +29,7 @@ $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirem
 	  || echo "*** WARNING: npu-smi exists but torch_npu cannot be imported (error above). Install CANN and run 'source <CANN>/set_env.sh' before make; llmbench will NOT use the NPU until it imports. ***" >&2; fi
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	PIP_EXTRA="$(PIP_EXTRA)" $(BIN)/python -m llmbench.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
+	PIP_EXTRA="$(PIP_EXTRA)" $(BIN)/python -m llmbench.llamaserver_build >/dev/null  # its llama-server (04_serving), same source and flags (cached)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" >/dev/null
 	@touch $(STAMP)
 	@echo "installed into $(VENV); Jupyter kernel '$(KERNEL)' registered"

@@ -138,6 +138,7 @@ def test_a_server_that_dies_mid_run_keeps_the_finished_rows(tmp_path):
     rec = pd.read_parquet(tmp_path / "records.parquet")  # what the run saved, not what it holds in memory
     first = rec[(rec.request_rate == 5.0) & (rec.metric == "serving_ttft")]
     assert first.status.tolist() == ["ok"] and int(first.n.iloc[0]) == 4  # 1 warm-up + 4 counted: all before the death
+    assert first.other_cores.notna().all() and first.quiet.notna().all()  # how busy the machine was, per run
     second = rec[(rec.request_rate == 10.0) & (rec.metric == "request_throughput")]
     assert second.status.iloc[0].startswith("failed: server exited with code 3")
     skipped = rec[rec.status.str.startswith("skipped")]

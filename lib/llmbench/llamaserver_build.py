@@ -57,12 +57,15 @@ def build(version: str, args: list[str], out: Path, sdist: Path | None = None) -
         src = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
         build_dir = Path(tmp) / "build"
         t0 = time.perf_counter()
-        subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *SERVER_ARGS, *args], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 1)],
-                       check=True, stdout=subprocess.DEVNULL)
-        binary = next(build_dir.rglob("bin/llama-server"))
         out.mkdir(parents=True, exist_ok=True)
+        log = out / "build.log"  # the compiler's warnings go here, not to the terminal
+        with open(log, "w") as f:
+            for cmd in (["cmake", "-S", str(src), "-B", str(build_dir), *SERVER_ARGS, *args],
+                        ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(os.cpu_count() or 1)]):
+                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                    raise RuntimeError(f"llama-server build failed ({' '.join(cmd[:3])} ...); last lines of {log}:\n{tail}")
+        binary = next(build_dir.rglob("bin/llama-server"))
         tmp_bin = out / f".llama-server.{os.getpid()}.tmp"
         shutil.copy2(binary, tmp_bin)
         os.replace(tmp_bin, out / "llama-server")

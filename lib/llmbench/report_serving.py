@@ -42,7 +42,9 @@ def runs(df: pd.DataFrame) -> pd.DataFrame:
                  e2e_p50=val("serving_e2e"), achieved=val("request_throughput"), out_tps=val("output_throughput"),
                  arrival=val("arrival_rate"), saturated=val("saturated") == 1.0,
                  completed_share=val("completed_share"),
-                 saturated_why=str(m["saturated"]["note"]) if "saturated" in m else "")
+                 saturated_why=str(m["saturated"]["note"]) if "saturated" in m else "",
+                 other_cores=(float(m["serving_ttft"]["other_cores"]) if "serving_ttft" in m
+                              and m["serving_ttft"].get("other_cores") is not None else float("nan")))
         for lim in limits():
             r[f"goodput_{slug(lim.name)}"] = val(f"goodput_{slug(lim.name)}")
         out.append(r)
@@ -60,7 +62,9 @@ def _ms(x) -> str:
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
-    """The serving table: model x server x load."""
+    """The serving table: model x server x load. *Offered* is the rate the Poisson schedule actually drew
+    for the counted requests (a short run's draw strays from the target); *achieved* the completions/s;
+    *others' cores* the CPU that processes other than the study and its server used during the run."""
     t = runs(df)
     if t.empty:
         return t
@@ -71,10 +75,12 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
                                                                          f" ({r['completed_share']:.0%})"),
                "TTFT p50": _ms(r.ttft_p50), "TTFT p99": _ms(r.ttft_p99),
                "TPOT p50": _ms(r.tpot_p50), "TPOT p99": _ms(r.tpot_p99),
+               "offered req/s": f"{r.arrival:.3g}" if np.isfinite(r.arrival) else "",
                "achieved req/s": f"{r.achieved:.3g}", "output tok/s": f"{r.out_tps:.3g}"}
         for lim in limits():
             row[f"goodput {lim.name.removeprefix('MLPerf ')} (req/s)"] = f"{r[f'goodput_{slug(lim.name)}']:.3g}"
         row["saturated"] = "yes" if r.saturated else "no"
+        row["others' cores"] = f"{r.other_cores:.2f}" if np.isfinite(r.other_cores) else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -101,7 +107,7 @@ def sustainable_table(df: pd.DataFrame) -> pd.DataFrame:
     keys = _keys(t, ["model", "engine", "dtype", "quant", "device", "prompt_len", "new_tokens"])
     rows = []
     for k, g in t.groupby(keys, sort=True):
-        cfg = dict(zip(keys, k))
+        cfg = {key: int(v) if key in ("prompt_len", "new_tokens") else v for key, v in zip(keys, k)}
         summaries = [_as_summary(r) for _, r in g.iterrows()]
         for lim in limits():
             s = SM.sustainable(summaries, lim)
@@ -169,6 +175,11 @@ def text(df: pd.DataFrame) -> str:
            "and p99 TPOT are within it, every request completed and the server kept up (MLPerf's Server rule); "
            f"goodput counts the requests within both bounds, per second. Runs counted {n_min} to {int(t.n.max())} "
            "requests after warm-up: p99 is interpolated between the slowest requests, so it is a coarse tail."]
+    busy = t[t.other_cores > 0.25] if "other_cores" in t else t.iloc[0:0]
+    if len(busy):
+        out.append(f"**{len(busy)} of {len(t)} runs shared the machine**: other processes used "
+                   f"{busy.other_cores.min():.2f} to {busy.other_cores.max():.2f} cores during them (column *others' "
+                   "cores*); their latencies include that contention.")
     st = sustainable_table(df)
     for lim in limits():
         s = st[st.limit == lim.name]

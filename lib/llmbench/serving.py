@@ -361,7 +361,7 @@ async def _drive(server: Server, results: list[SM.RequestResult], coros, max_run
     reason = why.get("server") or (f"run time limit of {max_run_s:g} s reached" if time_limit else "")
     for t in tasks:
         t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     stop.set()
     for t in (watcher, stopper):
         t.cancel()
@@ -369,6 +369,9 @@ async def _drive(server: Server, results: list[SM.RequestResult], coros, max_run
     for r in results:
         if r.error == "cancelled":
             r.error = f"cancelled: {reason}"
+    bugs = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, asyncio.CancelledError)]
+    if bugs:  # _send records every request-level error itself: anything else is a bug, never a quiet row
+        raise bugs[0]
     return {"time_limit_hit": time_limit and "server" not in why, "server_died": why.get("server")}
 
 
@@ -428,8 +431,16 @@ def run_poisson(server: Server, prompts: list[list[int]], rate: float, warmup: i
     if not rate > 0:
         raise UserError(f"request rate {rate!r}: must be positive (requests per second)")
     n = SM.requests_for(rate, run_s, max_requests, warmup)
+    if len(prompts) < n:
+        raise ValueError(f"{n} requests need {n} prompts, got {len(prompts)}")
     schedule = SM.poisson_schedule(rate, n, seed)
     return in_thread(lambda: _open_loop(server, prompts, schedule, warmup, new_tokens, max_run_s))
+
+
+def closed_requests(concurrency: int, max_requests: int, warmup: int) -> int:
+    """Requests a closed-loop run sends: two per request slot in flight (at least MIN_REQUESTS, at most
+    max_requests counted), plus the warm-up."""
+    return warmup + max(SM.MIN_REQUESTS, min(max_requests, 2 * concurrency))
 
 
 def run_closed(server: Server, prompts: list[list[int]], concurrency: int, warmup: int, new_tokens: int,
@@ -437,8 +448,42 @@ def run_closed(server: Server, prompts: list[list[int]], concurrency: int, warmu
     """One closed-loop run of `concurrency` requests in flight: (results, info)."""
     if concurrency < 1:
         raise UserError(f"concurrency {concurrency!r}: must be a positive integer")
-    n = warmup + max(SM.MIN_REQUESTS, min(max_requests, 2 * concurrency))
+    n = closed_requests(concurrency, max_requests, warmup)
+    if len(prompts) < n:
+        raise ValueError(f"{n} requests need {n} prompts, got {len(prompts)}")
     return in_thread(lambda: _closed_loop(server, prompts, n, warmup, concurrency, new_tokens, max_run_s))
+
+
+def _server_ticks(server: Server) -> float:
+    """CPU seconds the server process has used so far (0 where it is not ours or has gone)."""
+    from . import noise
+    if server.proc is None:
+        return 0.0
+    try:
+        return noise._own_ticks(server.proc.pid) * noise.TICK_S
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def watched(fn, server: Server):
+    """(fn(), record fields of the machine's state during it): the CPU time of every process but this
+    one and its server, judged as noise.cpu_verdict judges a timed window. A serving run is not redone
+    when disturbed (minutes each): the rows say how disturbed it was."""
+    from . import noise
+    s0, p0 = noise.snapshot(), _server_ticks(server)
+    out = fn()
+    s1, p1 = noise.snapshot(), _server_ticks(server)
+    if s0 is None or s1 is None:
+        return out, {}
+    wall = max(s1.t - s0.t, 1e-9)
+    own = (s1.own_s - s0.own_s) + max(p1 - p0, 0.0)
+    busy, steal = s1.busy_s - s0.busy_s, s1.steal_s - s0.steal_s
+    other = max(busy - own, 0.0)
+    why = noise.cpu_verdict(other, own, steal, busy + (s1.idle_s - s0.idle_s) + steal, wall, s1.ncpu)
+    total = busy + (s1.idle_s - s0.idle_s) + steal
+    return out, dict(quiet=not why, attempts=1, disturbance=" | ".join(why) or None,
+                     other_cores=round(other / wall, 3), steal_share=round(steal / total, 4) if total else None,
+                     cpu_mhz=noise.cpu_mhz()[0])
 
 
 def save_requests(results: list[SM.RequestResult], path: Path, **tags) -> None:
@@ -538,17 +583,19 @@ def sweep(ctx, server: Server, load: Load, prompts_for, common: dict) -> list[di
         seed = load.seed * 1000 + i + 1  # new prompts in every run: no prompt-cache reuse between runs
         if what == "rate":
             n = SM.requests_for(x, load.run_s, load.requests, load.warmup)
-            results, info = run_poisson(server, prompts_for(n, seed), x, load.warmup, load.new_tokens, load.run_s,
-                                        load.requests, load.max_run_s, seed)
+            prompts = prompts_for(n, seed)
+            (results, info), machine = watched(lambda: run_poisson(
+                server, prompts, x, load.warmup, load.new_tokens, load.run_s, load.requests, load.max_run_s, seed), server)
         else:
-            n = load.warmup + max(SM.MIN_REQUESTS, min(load.requests, 2 * x))
-            results, info = run_closed(server, prompts_for(n, seed), x, load.warmup, load.new_tokens,
-                                       load.requests, load.max_run_s)
+            n = closed_requests(x, load.requests, load.warmup)
+            prompts = prompts_for(n, seed)
+            (results, info), machine = watched(lambda: run_closed(
+                server, prompts, x, load.warmup, load.new_tokens, load.requests, load.max_run_s), server)
         save_requests(results, ctx["dir"] / "requests.jsonl", run=i, **{k: v for k, v in tags.items() if v is not None})
         s = SM.summarize_run(results, lims, float(x) if what == "rate" else None, info["time_limit_hit"])
         died = info["server_died"] or _check_alive(server)
         status = f"failed: {died} (during this run)" if died else "ok"
-        add(ctx, _rows(ctx, s, {**common, **tags}, status))
+        add(ctx, _rows(ctx, s, {**common, **tags, **machine}, status))
         summaries.append({**s, **tags, "status": status})
         if died:
             stopped["server"] = f"the server died during an earlier run ({died[:200]})"
