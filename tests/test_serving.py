@@ -183,7 +183,7 @@ def test_port_in_use_is_refused_before_anything_starts(tmp_path):
 def test_vllm_is_recorded_unsupported(tmp_path):
     ctx = ctx_for(tmp_path)
     assert S.start_server(ctx, "vllm", {}, 8, 4) is None
-    assert ctx["rows"][0]["status"].startswith("unsupported: not run by this study yet: vLLM on CPU")
+    assert ctx["rows"][0]["status"].startswith("unsupported: not run by this study yet: vLLM needs its own")
 
 
 @pytest.mark.parametrize("name,value,msg", [

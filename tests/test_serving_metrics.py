@@ -77,7 +77,10 @@ def test_saturation_when_departures_fall_behind_arrivals():
 def test_saturation_on_open_requests_and_on_errors():
     rs = [req(i, float(i), i + 0.1, 0.01) for i in range(4)] + [RequestResult(4, False, 4.0, 4.0, error="cancelled: run time limit")]
     s = SM.summarize_run(rs, LIMITS, target_rate=1.0, time_limit_hit=True)
-    assert s["unfinished"] == 1 and s["saturated"] and "still open" in s["saturated_why"]
+    assert s["unfinished"] == 1 and s["saturated"] and "1 of 5 request(s) unfinished" in s["saturated_why"]
+    # a closed loop that never got to send most of its requests before the limit
+    s = SM.summarize_run(rs[:1], LIMITS, None, time_limit_hit=True, planned=6)
+    assert (s["requests"], s["completed"], s["unfinished"]) == (6, 1, 5) and s["saturated"]
     bad = [req(i, float(i), 0, 0, error="ConnectError") for i in range(3)] + [req(3, 3.0, 3.1, 0.01)]
     s = SM.summarize_run(bad, LIMITS, target_rate=1.0)
     assert s["failed"] == 3 and s["saturated"] and "failed" in s["saturated_why"]

