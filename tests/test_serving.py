@@ -188,7 +188,7 @@ def test_vllm_is_recorded_unsupported(tmp_path):
 
 @pytest.mark.parametrize("name,value,msg", [
     ("rates", [0.1, 0.0], "must be positive"), ("rates", [-1.0], "must be positive"),
-    ("concurrencies", [0], "must be positive"), ("server", "sglang", "valid: llama-server, endpoint, vllm"),
+    ("concurrencies", [-1], "must be 0 or more"), ("server", "sglang", "valid: llama-server, endpoint, vllm"),
     ("endpoint", "localhost:8000", "expected a base URL"), ("port", 70000, "must be a TCP port")])
 def test_bad_parameters_are_one_clear_message(name, value, msg):
     from llmbench.params import check_value

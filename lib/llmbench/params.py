@@ -61,7 +61,7 @@ def _weights(name, v):
 
 
 def _non_negative(name, v):
-    if v < 0:
+    if any(x < 0 for x in (v if isinstance(v, list) else [v])):
         raise UserError(f"{name}={v!r}: must be 0 or more")
 
 
@@ -90,7 +90,7 @@ RULES = {
     "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,
     # 04_serving
     "server": lambda n, v: _choice(_servers())(n, v), "endpoint": _endpoint, "rates": _positive,
-    "concurrencies": _positive, "requests": _positive, "run_s": _positive, "max_run_s": _positive,
+    "concurrencies": _non_negative, "requests": _positive, "run_s": _positive, "max_run_s": _positive,
     "parallel": _positive, "threads": _non_negative, "warmup": _non_negative, "port": _port,
 }
 

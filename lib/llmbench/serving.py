@@ -572,7 +572,7 @@ def sweep(ctx, server: Server, load: Load, prompts_for, common: dict) -> list[di
     "failed: why". prompts_for(n, seed) gives n distinct prompts."""
     from .session import add, row
     summaries, lims = [], limits()
-    plan = [("rate", r) for r in sorted(load.rates)] + [("concurrency", c) for c in sorted(load.concurrencies)]
+    plan = [("rate", r) for r in sorted(load.rates)] + [("concurrency", c) for c in sorted(load.concurrencies) if c > 0]
     stopped = {}  # sweep kind -> why it stopped
     for i, (what, x) in enumerate(plan):
         tags = dict(request_rate=float(x) if what == "rate" else None,
