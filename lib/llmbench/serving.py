@@ -57,12 +57,16 @@ _HANDLERS_SET = False
 
 
 def _pdeathsig(parent: int):
-    """In the child before exec: SIGKILL when the parent thread dies; exit now if it already has."""
+    """In the child before exec: SIGKILL when the parent thread dies; exit now if it already has.
+    libc is loaded here, in the parent: a forked child of a threaded process must not dlopen."""
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        prctl = None  # not Linux: the process group, atexit and signal handlers remain
+
     def f():
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass  # not Linux: the process group, atexit and signal handlers remain
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:
             os._exit(1)
     return f
