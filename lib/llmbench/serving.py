@@ -632,7 +632,10 @@ def start_server(ctx, server_kind: str, p: dict, prompt_len: int, new_tokens: in
         if kind not in EL.BACKEND:
             raise Unsupported(f"llama.cpp has no backend for device kind {kind!r}")
         found = llamaserver_build.cached()
-        binary, build = found if found else llamaserver_build.ensure()
+        if not found:  # never a surprise build of minutes inside a grid point's time limit
+            raise Unsupported("llama-server is not built for this machine's flags; `make setup` builds it "
+                              "(or: python -m llmbench.llamaserver_build)")
+        binary, build = found
         flags = " ".join(build["cmake_args"])
         if kind != "cpu" and f"-DGGML_{EL.BACKEND[kind]}=ON" not in flags:
             raise Unsupported(f"this llama-server build has no {EL.BACKEND[kind]} backend (flags: {flags})")
