@@ -40,7 +40,7 @@ def test_run_summary_throughput_goodput_and_percentiles():
     rs = [req(0, 0.0, 5.0, 0.5, warmup=True),                  # slow warm-up: must not count anywhere
           req(1, 1.0, 1.2, 0.02), req(2, 2.0, 2.4, 0.05), req(3, 3.0, 4.0, 0.02), req(4, 4.0, 4.1, 0.2)]
     s = SM.summarize_run(rs, LIMITS, target_rate=1.0)
-    assert (s["requests"], s["completed"], s["failed"], s["unfinished"]) == (4, 4, 0, 0)
+    assert (s["requests"], s["completed"], s["failed"], s["incomplete"]) == (4, 4, 0, 0)
     # duration: first counted scheduled send (1.0) to last counted chunk (4.1 + 4 x 0.2 = 4.9)
     assert s["duration_s"] == pytest.approx(3.9)
     assert s["request_throughput"] == pytest.approx(4 / 3.9)
@@ -74,13 +74,24 @@ def test_saturation_when_departures_fall_behind_arrivals():
     assert not SM.summarize_run(keep_up, LIMITS, target_rate=1.0)["saturated"]
 
 
-def test_saturation_on_open_requests_and_on_errors():
-    rs = [req(i, float(i), i + 0.1, 0.01) for i in range(4)] + [RequestResult(4, False, 4.0, 4.0, error="cancelled: run time limit")]
-    s = SM.summarize_run(rs, LIMITS, target_rate=1.0, time_limit_hit=True)
-    assert s["unfinished"] == 1 and s["saturated"] and "1 of 5 request(s) unfinished" in s["saturated_why"]
-    # a closed loop that never got to send most of its requests before the limit
-    s = SM.summarize_run(rs[:1], LIMITS, None, time_limit_hit=True, planned=6)
-    assert (s["requests"], s["completed"], s["unfinished"]) == (6, 1, 5) and s["saturated"]
+def test_time_limit_cuts_requests_and_saturates_only_on_a_growing_queue():
+    done = [req(i, float(i), i + 0.1, 0.01) for i in range(4)]  # each took 0.14 s in all
+    # sent at 4.0 and stopped at 4.1: cut by the limit, not waiting long: incomplete, no saturation
+    cut = RequestResult(4, False, 4.0, 4.0, error="cancelled: run time limit")
+    s = SM.summarize_run(done + [cut], LIMITS, target_rate=1.0, stopped_at=4.1)
+    assert (s["requests"], s["incomplete"], s["stale"]) == (4, 1, 0) and not s["saturated"]
+    assert s["meets"]["MLPerf interactive"]  # the cut request is left out, as GuideLLM leaves it
+    # stopped at 9.0: it had waited 5 s, longer than any completed request took: the queue grew
+    s = SM.summarize_run(done + [cut], LIMITS, target_rate=1.0, stopped_at=9.0)
+    assert s["stale"] == 1 and s["saturated"] and "slowest completed one took (0.14 s)" in s["saturated_why"]
+    assert not s["meets"]["MLPerf conversational"]
+    # a closed loop that completed nothing before the limit and never sent the rest
+    s = SM.summarize_run([RequestResult(0, False, 0.0, 0.0, error="cancelled: run time limit")], LIMITS, None,
+                         stopped_at=90.0, planned=6)
+    assert (s["completed"], s["incomplete"]) == (0, 6) and s["saturated"] and "no request completed" in s["saturated_why"]
+
+
+def test_saturation_on_errors():
     bad = [req(i, float(i), 0, 0, error="ConnectError") for i in range(3)] + [req(3, 3.0, 3.1, 0.01)]
     s = SM.summarize_run(bad, LIMITS, target_rate=1.0)
     assert s["failed"] == 3 and s["saturated"] and "failed" in s["saturated_why"]

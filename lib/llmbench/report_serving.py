@@ -41,7 +41,7 @@ def runs(df: pd.DataFrame) -> pd.DataFrame:
                  tpot_p50=val("serving_tpot"), tpot_p99=val("serving_tpot", "p99"),
                  e2e_p50=val("serving_e2e"), achieved=val("request_throughput"), out_tps=val("output_throughput"),
                  arrival=val("arrival_rate"), saturated=val("saturated") == 1.0,
-                 completed_share=val("completed_share"),
+                 completed_share=val("completed_share"), incomplete=val("incomplete_requests"),
                  saturated_why=str(m["saturated"]["note"]) if "saturated" in m else "",
                  other_cores=(float(m["serving_ttft"]["other_cores"]) if "serving_ttft" in m
                               and m["serving_ttft"].get("other_cores") is not None else float("nan")))
@@ -71,8 +71,9 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in t.iterrows():
         row = {"model": r["model"], "server": r["engine"], "dtype": r["dtype"],
-               "load": _load_label(r), "requests done": f"{r['n']}" + ("" if r["completed_share"] == 1 else
-                                                                         f" ({r['completed_share']:.0%})"),
+               "load": _load_label(r),
+               "requests done": f"{r['n']}" + ("" if not r["completed_share"] < 1 else f" ({r['completed_share']:.0%} of those ended)")
+               + (f", {int(r['incomplete'])} cut by the time limit" if r["incomplete"] > 0 else ""),
                "TTFT p50": _ms(r.ttft_p50), "TTFT p99": _ms(r.ttft_p99),
                "TPOT p50": _ms(r.tpot_p50), "TPOT p99": _ms(r.tpot_p99),
                "offered req/s": f"{r.arrival:.3g}" if np.isfinite(r.arrival) else "",

@@ -354,8 +354,9 @@ async def _watch(server: Server, stop: asyncio.Event, why: dict) -> None:
         await asyncio.sleep(0.2)
 
 
-async def _drive(server: Server, results: list[SM.RequestResult], coros, max_run_s: float) -> dict:
-    """Run the request coroutines until all end, the time limit, or the server's death; cancel the rest."""
+async def _drive(server: Server, results: list[SM.RequestResult], coros, max_run_s: float, t0: float) -> dict:
+    """Run the request coroutines until all end, the time limit, or the server's death; cancel the rest.
+    stopped_at: s since t0 when the time limit stopped the run (None: it ended by itself)."""
     stop, why = asyncio.Event(), {}
     tasks = [asyncio.create_task(c) for c in coros]
     watcher = asyncio.create_task(_watch(server, stop, why))
@@ -363,6 +364,7 @@ async def _drive(server: Server, results: list[SM.RequestResult], coros, max_run
     done_all = asyncio.gather(*tasks, return_exceptions=True)
     finished, _ = await asyncio.wait([done_all, stopper], timeout=max_run_s, return_when=asyncio.FIRST_COMPLETED)
     time_limit = not finished
+    stopped_at = time.perf_counter() - t0
     reason = why.get("server") or (f"run time limit of {max_run_s:g} s reached" if time_limit else "")
     for t in tasks:
         t.cancel()
@@ -377,7 +379,7 @@ async def _drive(server: Server, results: list[SM.RequestResult], coros, max_run
     bugs = [o for o in outcomes if isinstance(o, Exception) and not isinstance(o, asyncio.CancelledError)]
     if bugs:  # _send records every request-level error itself: anything else is a bug, never a quiet row
         raise bugs[0]
-    return {"time_limit_hit": time_limit and "server" not in why, "server_died": why.get("server")}
+    return {"stopped_at": stopped_at if time_limit and "server" not in why else None, "server_died": why.get("server")}
 
 
 def _client(server: Server, n: int):
@@ -392,7 +394,7 @@ async def _open_loop(server, prompts, schedule, warmup, new_tokens, max_run_s):
     async with _client(server, len(results)) as client:
         t0 = time.perf_counter()
         coros = [_send(client, server, request_body(server, prompts[i], new_tokens), r, t0) for i, r in enumerate(results)]
-        info = await _drive(server, results, coros, max_run_s)
+        info = await _drive(server, results, coros, max_run_s, t0)
     return results, info
 
 
@@ -408,7 +410,7 @@ async def _closed_loop(server, prompts, n, warmup, concurrency, new_tokens, max_
                 await _send(client, server, request_body(server, prompts[r.index], new_tokens), r, t0)
                 if r.error:
                     return
-        info = await _drive(server, results, [worker() for _ in range(concurrency)], max_run_s)
+        info = await _drive(server, results, [worker() for _ in range(concurrency)], max_run_s, t0)
     return sorted(results, key=lambda r: r.index), info
 
 
@@ -541,8 +543,8 @@ def _rows(ctx, s: dict, common: dict, status: str = "ok") -> list[dict]:
     cache = f"; prompt tokens reused from the server's cache: at most {max(cached)}" if cached else ""
     load = (f"Poisson arrivals at {s['target_rate']:g} req/s" if s["target_rate"] is not None
             else f"closed loop, {common['concurrency']} in flight")
-    head = (f"{load}; {s['completed']} of {s['requests']} counted requests completed ({s['failed']} failed, "
-            f"{s['unfinished']} unfinished) over {s['duration_s']:.4g} s")
+    head = (f"{load}; {s['completed']} counted requests completed, {s['failed']} failed, {s['incomplete']} "
+            f"incomplete at the run's time limit (left out), over {s['duration_s']:.4g} s")
     rows = [row(ctx, s["ttft"], metric="serving_ttft", unit="s", note="from the scheduled send time", **per_request),
             row(ctx, s["tpot"], metric="serving_tpot", unit="s", note=usage + chunks, **per_request),
             row(ctx, [x for x in s["itl"] if x], metric="serving_itl", unit="s",
@@ -555,7 +557,9 @@ def _rows(ctx, s: dict, common: dict, status: str = "ok") -> list[dict]:
             row(ctx, [s["arrival_rate"]], metric="arrival_rate", unit="req/s",
                 note="(n-1) / span of the counted requests' scheduled sends", **per_request),
             row(ctx, [s["completed"] / s["requests"]] if s["requests"] else [], metric="completed_share", unit="ratio",
-                note="completed counted requests / counted requests", **per_request),
+                note="completed / (completed + failed) counted requests; incomplete ones are left out", **per_request),
+            row(ctx, [float(s["incomplete"])], metric="incomplete_requests", unit="requests",
+                note="open when the run's time limit stopped it, or never sent", **per_request),
             row(ctx, [float(s["saturated"])], metric="saturated", unit="bool",
                 note=s["saturated_why"] or "kept up with the offered load", **per_request)]
     for lim in limits():
@@ -597,7 +601,7 @@ def sweep(ctx, server: Server, load: Load, prompts_for, common: dict) -> list[di
             (results, info), machine = watched(lambda: run_closed(
                 server, prompts, x, load.warmup, load.new_tokens, load.requests, load.max_run_s), server)
         save_requests(results, ctx["dir"] / "requests.jsonl", run=i, **{k: v for k, v in tags.items() if v is not None})
-        s = SM.summarize_run(results, lims, float(x) if what == "rate" else None, info["time_limit_hit"],
+        s = SM.summarize_run(results, lims, float(x) if what == "rate" else None, info["stopped_at"],
                              planned=n - load.warmup)
         died = info["server_died"] or _check_alive(server)
         status = f"failed: {died} (during this run)" if died else "ok"

@@ -17,8 +17,10 @@ Per run:
   goodput (a limit)   requests meeting both the limit's TTFT and TPOT / duration (vLLM --goodput)
   meets (a limit)     p99 TTFT and p99 TPOT within the limit (MLPerf's Server rule)
   saturated           the server fell behind the offered load: completions left at a lower rate than
-                      requests arrived (departure rate < SATURATION x arrival rate), a request was still
-                      open at the run's time limit, or more than MAX_ERROR_SHARE of requests failed
+                      those requests arrived (departure rate < SATURATION x arrival rate), a request still
+                      open at the run's time limit had waited longer than any completed one took, or more
+                      than MAX_ERROR_SHARE of requests failed
+  incomplete          open when the run's time limit stopped it (or never sent): left out, and counted
 Warm-up requests (the first `warmup` of each run's schedule) are sent but counted nowhere.
 """
 import math
@@ -104,31 +106,37 @@ def rate_of(times: list[float]) -> float:
 
 
 def summarize_run(results: list[RequestResult], limits: list[Limit], target_rate: float | None = None,
-                  time_limit_hit: bool = False, planned: int | None = None) -> dict:
+                  stopped_at: float | None = None, planned: int | None = None) -> dict:
     """Everything one run reports (see the module docstring); plain floats, NaN where undefined.
-    planned: the counted requests the run meant to send (a closed loop creates each one only when a
-    slot frees up: those never sent before the run stopped count as unfinished)."""
+
+    stopped_at: when (s since the run's start) the run's time limit stopped it, None if it ended by
+    itself. Requests still open then, and those a closed loop never got to send (planned: the counted
+    requests it meant to send), are *incomplete* (as GuideLLM counts them): cut by the study's own time
+    bound, left out of the latencies and of `requests`. An incomplete request that had already waited
+    longer than the slowest completed one took in all is evidence of a growing queue: saturation."""
     counted = [r for r in results if not r.warmup]
     done = [r for r in counted if r.ok]
-    # cancelled: still open when the run stopped (time limit, or the server went away); failed: an error
-    unfinished = [r for r in counted if not r.ok and (r.error is None or r.error.startswith("cancelled"))]
     failed = [r for r in counted if not r.ok and r.error is not None and not r.error.startswith("cancelled")]
+    open_ = [r for r in counted if not r.ok and (r.error is None or r.error.startswith("cancelled"))]
     never_sent = max((planned or 0) - len(counted), 0)
     ms = [request_metrics(r) for r in done]
+    slowest = max((m["e2e"] for m in ms), default=None)
+    stale = [r for r in open_ if stopped_at is not None and (slowest is None or stopped_at - r.scheduled > slowest)]
     start = min((r.scheduled for r in counted), default=float("nan"))
     end = max((r.chunks[-1] for r in done), default=float("nan"))
     duration = end - start if done else float("nan")
     out_tokens = [r.output_tokens for r in done]
     out = {
-        "requests": len(counted) + never_sent, "completed": len(done), "failed": len(failed),
-        "unfinished": len(unfinished) + never_sent,
-        "duration_s": duration,
+        "requests": len(done) + len(failed), "completed": len(done), "failed": len(failed),
+        "incomplete": len(open_) + never_sent, "stale": len(stale) + (never_sent if not done else 0),
+        "slowest_e2e": slowest, "duration_s": duration,
         "request_throughput": len(done) / duration if done and duration > 0 else float("nan"),
         "output_throughput": (sum(out_tokens) / duration if done and duration > 0 and None not in out_tokens
                               else float("nan")),
         "missing_usage": sum(t is None for t in out_tokens),
         "arrival_rate": rate_of(sorted(r.scheduled for r in counted)),
         "departure_rate": rate_of(sorted(r.chunks[-1] for r in done)),
+        "done_arrival_rate": rate_of(sorted(r.scheduled for r in done)),
         "ttft": [m["ttft"] for m in ms], "tpot": [m["tpot"] for m in ms if m["tpot"] is not None],
         "e2e": [m["e2e"] for m in ms], "itl": [m["itl"] for m in ms],
         "send_lag": [m["send_lag"] for m in ms if m["send_lag"] is not None],
@@ -142,13 +150,14 @@ def summarize_run(results: list[RequestResult], limits: list[Limit], target_rate
     out["goodput"] = {lim.name: (sum(good(m, lim) for m in ms) / duration if done and duration > 0 else float("nan"))
                       for lim in limits}
     out["meets"] = {lim.name: meets(out, lim) for lim in limits}
-    out["saturated"], out["saturated_why"] = saturation(out, time_limit_hit)
+    out["saturated"], out["saturated_why"] = saturation(out)
     return out
 
 
 def meets(s: dict, limit: Limit) -> bool:
-    """MLPerf's Server rule: p99 TTFT and p99 TPOT within the limit, every counted request completed."""
-    if s["completed"] == 0 or s["completed"] < s["requests"]:
+    """MLPerf's Server rule: p99 TTFT and p99 TPOT within the limit, no counted request failed, and
+    the server kept up (a saturated run meets nothing)."""
+    if s["completed"] == 0 or s["failed"] or s.get("stale"):
         return False
     if limit.ttft_s is not None and not s["ttft_p99"] <= limit.ttft_s:
         return False
@@ -157,15 +166,18 @@ def meets(s: dict, limit: Limit) -> bool:
     return True
 
 
-def saturation(s: dict, time_limit_hit: bool = False) -> tuple[bool, str]:
+def saturation(s: dict) -> tuple[bool, str]:
     """(saturated, why): the server no longer keeps up with this run's offered load."""
     if s["requests"] and (s["failed"] / s["requests"]) > MAX_ERROR_SHARE:
         return True, f"{s['failed']} of {s['requests']} requests failed"
-    if time_limit_hit or s["unfinished"]:
-        return True, f"{s['unfinished']} of {s['requests']} request(s) unfinished at the run's time limit"
+    if s["stale"]:
+        if not s["completed"]:
+            return True, f"no request completed before the run's time limit ({s['incomplete']} incomplete)"
+        return True, (f"{s['stale']} request(s) still open at the run's time limit after waiting longer than the "
+                      f"slowest completed one took ({s['slowest_e2e']:.3g} s)")
     if s["target_rate"] is None:  # a closed loop sends only when a request ends: it cannot over-run
         return False, ""
-    arr, dep = s["arrival_rate"], s["departure_rate"]
+    arr, dep = s["done_arrival_rate"], s["departure_rate"]
     if math.isfinite(arr) and math.isfinite(dep) and dep < SATURATION * arr:
         return True, f"completions left at {dep:.3g} req/s against arrivals at {arr:.3g} req/s"
     return False, ""
