@@ -76,6 +76,7 @@ def test_text_and_figure(tmp_path):
     df = records(tmp_path)
     text = RS.text(df)
     assert "Highest swept rate meeting MLPerf conversational" in text and "llama-3.2-3b on llama-server: 0.1 req/s" in text
+    assert "llama-3.2-3b on llama-server: no swept rate" in text  # interactive: none met, said so
     assert "measured here, for context" in text  # cpu records never judge the seed's Ascend claims
     assert "1 to 4 requests in flight" in text
     fig = RS.figure(df, tmp_path / "fig")

@@ -14,6 +14,11 @@ CONFIG = ["model", "engine", "dtype", "quant", "device", "prompt_len", "new_toke
 RUN = ["run_id", "request_rate", "concurrency"]
 
 
+def _has(x) -> bool:
+    """A value, not None or NaN (a None in a float column of a frame reads back as NaN)."""
+    return x is not None and not (isinstance(x, float) and np.isnan(x))
+
+
 def _serving(df: pd.DataFrame) -> pd.DataFrame:
     return df[df.experiment == "serving"] if "experiment" in df and len(df) else df.iloc[0:0]
 
@@ -137,12 +142,12 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
         row = dict(zip(keys, k))
         row.update({f"{p[0]} req/s": a["achieved there (req/s)"] or "none met",
                     f"{p[1]} req/s": b["achieved there (req/s)"] or "none met"})
-        if a._achieved is not None and b._achieved is not None and b._achieved > 0:
+        if _has(a._achieved) and _has(b._achieved) and b._achieved > 0:
             row[f"{p[0]}/{p[1]}"] = f"{a._achieved / b._achieved:.3g}"
-        elif a._achieved is not None:
+        elif _has(a._achieved):
             row[f"{p[0]}/{p[1]}"] = f"n/a: {p[1]} met the limit at no swept rate"
         else:
-            row[f"{p[0]}/{p[1]}"] = "n/a: neither met it" if b._achieved is None else f"n/a: {p[0]} met it at no swept rate"
+            row[f"{p[0]}/{p[1]}"] = "n/a: neither met it" if not _has(b._achieved) else f"n/a: {p[0]} met it at no swept rate"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -186,7 +191,7 @@ def text(df: pd.DataFrame) -> str:
         s = st[st.limit == lim.name]
         parts = [f"{r.model} on {r.engine}: " + (f"{r['highest rate met (req/s)']} req/s (achieved {r['achieved there (req/s)']})"
                                                  + (f", not at {r['next rate, not met']}" if r["next rate, not met"] else "")
-                                                 if r._rate is not None else "no swept rate") for _, r in s.iterrows()]
+                                                 if _has(r._rate) else "no swept rate") for _, r in s.iterrows()]
         if parts:
             out.append(f"Highest swept rate meeting {lim.name} (TTFT {_ms(lim.ttft_s)}, TPOT {_ms(lim.tpot_s)}): "
                        + "; ".join(parts) + ".")
