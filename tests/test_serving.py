@@ -248,3 +248,28 @@ def test_sigterm_of_the_runner_stops_the_server_through_its_handler(tmp_path):
     assert runner.wait(timeout=20) == -signal.SIGTERM  # the handler stops the server, then the signal still ends it
     assert gone(pid)
     assert json.loads((tmp_path / "servers.json").read_text())[0]["stopped"] is not None  # the handler's stop
+
+
+def test_llama_server_build_is_cached_per_version_flags_and_cpu(tmp_path, monkeypatch):
+    from llmbench import llamacpp_build, llamaserver_build as B
+    monkeypatch.setenv("LLMBENCH_WHEEL_CACHE", str(tmp_path))
+    a, b = B.cache_dir("0.3.36", ["-DGGML_NATIVE=ON"]), B.cache_dir("0.3.36", ["-DGGML_NATIVE=ON", "-DGGML_CUDA=ON"])
+    assert a != b and a != B.cache_dir("0.3.37", ["-DGGML_NATIVE=ON"]) and a.parent == tmp_path
+    assert a != llamacpp_build.cache_dir("0.3.36", ["-DGGML_NATIVE=ON"])  # never the wheel's folder
+    assert B.cached() is None  # nothing built under this cache: no binary, and nothing is built by asking
+    out = B.cache_dir(llamacpp_build.pins()["llama-cpp-python"], llamacpp_build.cmake_args())
+    out.mkdir(parents=True)
+    (out / "llama-server").write_text("")
+    assert B.cached() is None  # a binary without its build.json is not a finished build
+    (out / "build.json").write_text('{"cmake_args": []}')
+    assert B.cached() == (out / "llama-server", {"cmake_args": []})
+
+
+def test_a_grid_point_never_builds_llama_server(tmp_path, monkeypatch):
+    from llmbench import llamaserver_build as B
+    monkeypatch.setattr(B, "cached", lambda: None)
+    monkeypatch.setattr(B, "ensure", lambda *a: pytest.fail("a grid point started a build"))
+    ctx = ctx_for(tmp_path)
+    p = {"model": "tiny-1b", "weights": "synthetic", "dtype": "fp32", "quant": "none", "parallel": 1}
+    assert S.start_server(ctx, "llama-server", p, 8, 4) is None
+    assert ctx["rows"][0]["status"].startswith("unsupported: llama-server is not built")
