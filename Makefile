@@ -37,7 +37,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV_ARGS) $(VENV)
 
 $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirements-llamacpp.txt requirements-npu.txt pyproject.toml \
-	  lib/llmbench/system/llamacpp_build.py lib/llmbench/system/install.py | $(BIN)/python
+	  lib/llmbench/system/llamacpp_build.py lib/llmbench/system/llamaserver_build.py lib/llmbench/system/install.py | $(BIN)/python
 	@if [ "$(SYSTEM_PACKAGES)" = 1 ] && ! grep -qx "include-system-site-packages = true" $(VENV)/pyvenv.cfg; then \
 	  echo "$(VENV) was made without the system's packages; SYSTEM_PACKAGES=1 needs a new one: rm -rf $(VENV)" >&2; exit 1; fi
 	@if [ -n "$(NPU_HOST)" ]; then echo "npu-smi found: installing the CPU build of torch $(TORCH_VERSION) for torch_npu"; \
@@ -53,6 +53,7 @@ $(STAMP): requirements.lock requirements-data.txt requirements-cuda.txt requirem
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	PIP_EXTRA="$(strip $(PIP_ARGS:-q=))" LLMBENCH_WHEELHOUSE="$(if $(WHEELHOUSE),$(abspath $(WHEELHOUSE)))" \
 	  $(BIN)/python -m llmbench.system.llamacpp_build  # llama.cpp from source, once per flags and CPU (cached)
+	PIP_EXTRA="$(strip $(PIP_ARGS:-q=))" $(BIN)/python -m llmbench.system.llamaserver_build >/dev/null  # its llama-server (04_serving), same source and flags (cached)
 	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (llmbench)" \
 	  --env TORCH_DEVICE_BACKEND_AUTOLOAD 0 >/dev/null  # torch-npu's autoload fails without CANN; device.py imports it
 	@touch $(STAMP)

@@ -11,7 +11,8 @@ NOTEBOOKS = sorted(p.stem for p in paths.NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_the_study_notebooks_exist():
-    assert NOTEBOOKS == ["00_device", "01_latency", "02_batch_sweep", "03_quantization", "05_pairs", "99_report"]
+    assert NOTEBOOKS == ["00_device", "01_latency", "02_batch_sweep", "03_quantization", "04_serving", "05_pairs",
+                         "99_report"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -10,7 +10,7 @@ from conftest import cli
 
 SECTIONS = ["Summary", "What to choose", "Anomalies", "Setup and provenance", "Latency", "Throughput and memory",
             "Quantization", "Efficiency against the limits", "Engines", "Projection to Ascend devices",
-            "Chinese tokenization", "Claims check", "Limitations"]
+            "Chinese tokenization", "Serving", "Claims check", "Limitations"]
 PLANTED = 20.0  # the smallest prompt's TTFT of one run is multiplied by this: the report must flag it
 
 
@@ -64,7 +64,7 @@ def test_every_section_and_figure(built):
     for s in SECTIONS:
         assert re.search(rf"<h2[^>]*>{re.escape(s)}", html), s
     assert html.count("data:image/png;base64,") >= 5
-    for name in ("latency", "throughput_memory", "quantization", "roofline", "projection_tpot_bound"):
+    for name in ("latency", "throughput_memory", "quantization", "roofline", "projection_tpot_bound", "serving_latency"):
         assert (built / "figures" / f"{name}.png").stat().st_size > 5000
         assert (built / "figures" / f"{name}.svg").read_text().lstrip().startswith("<?xml")
     assert "synthetic" in html and "bounds, not measurements" in html

@@ -10,7 +10,7 @@ SHAPE_KEYS = ("batch", "prompt_len", "context_len", "new_tokens")
 # Each record's `study`: which experiment notebook measured it. The report selects records by it, never by
 # notebook file names.
 STUDIES = {"00_device": "device", "01_latency": "latency", "02_batch_sweep": "batch_sweep",
-           "03_quantization": "quantization", "05_pairs": "pairs"}
+           "03_quantization": "quantization", "04_serving": "serving", "05_pairs": "pairs"}
 
 # The configuration keys a grid point names in its run id, in this order (device, weights and tokens
 # are usually the same for a whole grid, so they are shown only when the grid sweeps them).

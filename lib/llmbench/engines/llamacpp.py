@@ -31,41 +31,13 @@ import torch
 from llmbench.core.errors import Unsupported
 from llmbench.engines import Engine, LoadRequest
 from llmbench.model import gguf_export
+from llmbench.model.gguf_types import BACKEND, KV_TYPE, MEANING, gguf_type
 from llmbench.model.models import check_weights_path, load_config, load_tokenizer, weights_label
 from llmbench.system.device import backend
 from llmbench.system.llamacpp_build import BUILD_INFO
 from llmbench.system.llamacpp_build import not_built
 
 GGML_TYPE = {"F32": 0, "F16": 1, "BF16": 30}  # ggml.h enum ggml_type, for the KV cache
-KV_TYPE = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
-BACKEND = {"cpu": "CPU", "cuda": "CUDA", "npu": "CANN"}  # llama.cpp's name for each device kind
-MEANING = {
-    "F32": "fp32 weights, fp32 matmuls",
-    "F16": "fp16 weights; matmul inputs converted to fp16",
-    "BF16": "bf16 weights; matmul inputs converted to bf16",
-    "Q8_0": "int8 weights in blocks of 32 with an fp16 scale each; activations quantized to int8 blocks, int8 dot products",
-    "Q8_0/npu": "int8 weights in blocks of 32 with an fp16 scale each, dequantized by CANN; fp16 matmuls",
-    "Q4_0": "int4 weights in blocks of 32 with an fp16 scale each; activations quantized to int8 blocks (w4a8)",
-    "Q4_0/npu": "int4 weights in blocks of 32 with an fp16 scale each, dequantized by CANN; fp16 matmuls",
-}
-
-
-def gguf_type(dtype: str, quant: str, kind: str) -> str:
-    """The GGUF type that is this (dtype, quant) on this backend, or Unsupported with the reason."""
-    if quant == "none":
-        return KV_TYPE[dtype]
-    if quant == "w8a8" and kind != "npu":
-        return "Q8_0"
-    if quant == "w8a16" and kind == "npu":
-        return "Q8_0"
-    if quant == "w4a16":
-        return "Q4_0"
-    if quant == "w8a8":
-        raise Unsupported("llama.cpp's CANN backend dequantizes Q8_0 weights to fp16 (that is w8a16): no int8-activation type")
-    if quant == "w8a16":
-        raise Unsupported(f"llama.cpp's {BACKEND[kind]} Q8_0 matmul quantizes the activations to int8 (that is w8a8): "
-                          "no int8-weight type with 16-bit activations")
-    raise Unsupported(f"no llama.cpp type for quant {quant!r}")
 
 
 def compute_dtype(t: str, dtype: str, kind: str) -> str:

@@ -9,6 +9,8 @@ from functools import lru_cache
 from llmbench.core import paths
 from llmbench.core.errors import UserError
 from llmbench.engines import ENGINES
+from llmbench.experiments.serving import SERVERS
+from llmbench.experiments.serving import check_url
 from llmbench.model.inputs import TOKENS
 from llmbench.model.models import check_weights_path, model_names
 from llmbench.model.quant.methods import METHODS
@@ -68,6 +70,25 @@ def _weights(name, v):
     check_weights_path(v)
 
 
+def _non_negative(name, v):
+    if any(x < 0 for x in (v if isinstance(v, list) else [v])):
+        raise UserError(f"{name}={v!r}: must be 0 or more")
+
+
+def _port(name, v):
+    if not 0 <= v <= 65535:
+        raise UserError(f"{name}={v!r}: must be a TCP port, 1-65535 (0: a free one)")
+
+
+def _endpoint(name, v):
+    if v:
+        check_url(v)
+
+
+def _servers():
+    return SERVERS
+
+
 RULES = {
     "model": lambda n, v: _choice(model_names())(n, v),
     "device": _choice(DEVICES), "dtype": _choice([*DTYPES, "auto"]), "quant": _choice(METHODS),
@@ -77,6 +98,10 @@ RULES = {
     "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,
     "task_queue": _task_queue, "pair": _choice(PAIR_KINDS), "decode_context": _positive,
     "versus": lambda n, v: _choice([*model_names(), *ENGINES, *METHODS])(n, v),
+    # 04_serving
+    "server": lambda n, v: _choice(_servers())(n, v), "endpoint": _endpoint, "rates": _positive,
+    "concurrencies": _non_negative, "requests": _positive, "run_s": _positive, "max_run_s": _positive,
+    "parallel": _positive, "threads": _non_negative, "warmup": _non_negative, "port": _port,
 }
 
 

@@ -19,7 +19,7 @@ COLUMNS = {
     "model": "model name (data/models)", "weights": "synthetic or real", "weights_source": "path, hub id or 'synthetic'",
     "tokens": "where input ids came from: synthetic-ids, or corpus:<file> via <tokenizer>",
     "device": "npu | cuda | cpu", "device_name": "device model", "dtype": "activation/weight dtype",
-    "quant": "none | w8a16 | w8a8 | w4a16", "engine": "eager | compiled | llamacpp (engine.py)", "batch": "sequences per step", "prompt_len": "prompt tokens",
+    "quant": "none | w8a16 | w8a8 | w4a16", "engine": "eager | compiled | llamacpp (engine.py); serving: llama-server | endpoint", "batch": "sequences per step", "prompt_len": "prompt tokens",
     "context_len": "tokens in the KV cache before the timed step", "new_tokens": "generated tokens",
     "metric": "what was measured", "unit": "unit of the statistics", "status": "ok | oom | unsupported: why | error: why",
     "n": "samples", "median": "", "mean": "", "std": "", "p90": "", "p99": "",
@@ -51,6 +51,8 @@ COLUMNS = {
                "other in one process: both did not fit in memory)",
     "mbu_read": "pair records: median over steps of the step's bytes / its time / the read rate of the "
                 "engine's own weights measured just before it",
+    "request_rate": "serving: target Poisson arrival rate, requests/s (None: not an open-loop run)",
+    "concurrency": "serving: requests kept in flight by a closed loop (None: not a closed-loop run)",
     "ceilings_run": "the 00_device run (same host and device) whose ceilings give bound_s, mbu and mfu; "
                     "quick-in-run: none there, measured quickly by this run", "note": "free text",
 }
