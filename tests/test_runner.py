@@ -29,7 +29,7 @@ def grid(tmp_path, name, notebooks, params=None, **top):
 def test_smoke_grid_end_to_end(smoke_runs):
     gdir = smoke_runs / "smoke"
     runs = sorted(p for p in gdir.iterdir() if not p.name.startswith("."))
-    assert len(runs) == 11  # 00_device, 01_latency x 2 models x 2 engines, 02, 03 and 04 x 2 models
+    assert len(runs) == 14  # 00_device, 01_latency x 2 models x 2 engines, 02, 03 and 04 x 2 models, 05 x 3 pairs
     for run in runs:
         info = read_json(run / "run.json")
         assert info["status"] == "ok", info.get("error")
@@ -40,11 +40,11 @@ def test_smoke_grid_end_to_end(smoke_runs):
         df = pd.read_parquet(run / "records.parquet")
         assert len(df) and (df.run_id == run.name).all()
     df = read_all(gdir)
-    assert {"prefill", "decode", "generate", "batch", "quant", "fidelity", "ceiling", "load"} <= set(df.experiment)
+    assert {"prefill", "decode", "generate", "batch", "quant", "fidelity", "ceiling", "load", "pair"} <= set(df.experiment)
     r = cli("run", "data/grids/smoke.yaml", "--runs", smoke_runs)
-    assert r.returncode == 0 and "11 already done, running 0" in r.stdout
+    assert r.returncode == 0 and "14 already done, running 0" in r.stdout
     s = cli("status", "data/grids/smoke.yaml", "--runs", smoke_runs)
-    assert s.returncode == 0 and "11 ok" in s.stdout
+    assert s.returncode == 0 and "14 ok" in s.stdout
     assert {"eager", "compiled"} <= set(df.engine)  # both engines, named on every record
     agree = df[df.metric == "greedy_steps_equal"]
     assert len(agree) == 2 and (agree["median"] == 16).all()  # compiled = eager for 16 greedy steps
