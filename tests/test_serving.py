@@ -25,12 +25,17 @@ def fake_cmd(port, *extra):
 
 
 def start_fake(tmp_path, *extra) -> S.Server:
-    port = S.free_port()
-    log = tmp_path / "fake.log"
-    proc = S.spawn(fake_cmd(port, *extra), log, tmp_path / "servers.json")
-    server = S.Server("llama-server", f"http://127.0.0.1:{port}", "fake-model", proc, log, tmp_path / "servers.json")
-    server.startup_s = S.wait_ready(server, timeout=30)
-    return server
+    for attempt in range(3):  # as start_llama_server: a free port can be taken before the bind
+        port = S.free_port()
+        log = tmp_path / "fake.log"
+        proc = S.spawn(fake_cmd(port, *extra), log, tmp_path / "servers.json")
+        server = S.Server("llama-server", f"http://127.0.0.1:{port}", "fake-model", proc, log, tmp_path / "servers.json")
+        try:
+            server.startup_s = S.wait_ready(server, timeout=30)
+            return server
+        except S.ServerFailed:
+            S.stop(server)
+    raise AssertionError("the stand-in server did not start in 3 tries")
 
 
 def gone(pid, within=10.0) -> bool:
@@ -48,11 +53,22 @@ def test_server_lifecycle_records_pid_and_leaves_nothing(tmp_path):
     pid = server.proc.pid
     assert os.getpgid(pid) == pid  # its own process group
     entries = json.loads((tmp_path / "servers.json").read_text())
-    assert [e["pid"] for e in entries] == [pid] and entries[0]["stopped"] is None
+    assert [e["pid"] for e in entries][-1] == pid and entries[-1]["stopped"] is None
     S.stop(server)
     assert gone(pid) and not S.leftover(tmp_path)
-    assert json.loads((tmp_path / "servers.json").read_text())[0]["stopped"] is not None
+    assert all(e["stopped"] is not None for e in json.loads((tmp_path / "servers.json").read_text()))
     assert "none is still running" in S.leftover_text(tmp_path)
+
+
+def test_a_foreign_server_on_the_port_is_not_taken_for_ours(tmp_path):
+    """Readiness asks for our model name: a process that holds the port and answers /health is refused."""
+    other = start_fake(tmp_path)
+    try:
+        ours = S.Server("llama-server", other.url, "llama-3.2-1b", other.proc, other.log, other.pids_file)
+        with pytest.raises(S.ServerFailed, match="serves \\['fake-model'\\], not 'llama-3.2-1b': another process holds"):
+            S.wait_ready(ours, timeout=10)
+    finally:
+        S.stop(other)
 
 
 def test_poisson_run_times_every_request_from_its_schedule(tmp_path):

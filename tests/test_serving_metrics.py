@@ -108,11 +108,15 @@ def test_empty_run_is_nan_not_an_error():
     assert not any(s["meets"].values())
 
 
-def test_poisson_schedule_is_seeded_and_has_the_rate():
+def test_poisson_schedule_is_seeded_and_offers_the_rate_exactly():
     a, b = SM.poisson_schedule(2.0, 4000, seed=3), SM.poisson_schedule(2.0, 4000, seed=3)
     assert a == b and a[0] == 0.0 and all(x < y for x, y in zip(a, a[1:]))
-    assert (len(a) - 1) / a[-1] == pytest.approx(2.0, rel=0.05)
     assert SM.poisson_schedule(2.0, 4000, seed=4) != a
+    for n in (2, 5, 4000):  # short runs too: the offered rate is the target, not a draw's stray
+        s = SM.poisson_schedule(0.1, n, seed=1)
+        assert (n - 1) / s[-1] == pytest.approx(0.1, rel=1e-9)
+    gaps = np.diff(a)  # still Poisson burstiness: exponential gaps have a coefficient of variation of 1
+    assert gaps.std() / gaps.mean() == pytest.approx(1.0, abs=0.05)
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="positive"):
             SM.poisson_schedule(bad, 3)

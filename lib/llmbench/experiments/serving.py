@@ -218,7 +218,9 @@ def _get(url: str, timeout: float, trust_env: bool = False):
 
 
 def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> float:
-    """Seconds until GET /health answers 200 (llama-server answers 503 while it loads the model)."""
+    """Seconds until GET /health answers 200 (llama-server answers 503 while it loads the model), from
+    our server: still running, and serving our model name. Another process that took the port between
+    free_port() and the server's bind would answer too, while ours exits on its failed bind."""
     import httpx
     t0 = time.perf_counter()
     while True:
@@ -227,8 +229,17 @@ def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> float:
             raise ServerFailed(f"{server.kind} exited before it was ready: {why}")
         try:
             if _get(server.url + "/health", timeout=2.0).status_code == 200:
-                return time.perf_counter() - t0
-        except httpx.HTTPError:
+                ready = time.perf_counter() - t0
+                time.sleep(0.2)  # a server that failed to bind exits at once: give it the time to show it
+                ok, why = server.alive()
+                if not ok:
+                    raise ServerFailed(f"{server.kind} exited before it was ready: {why}")
+                served = [m.get("id") for m in _get(server.url + "/v1/models", timeout=5.0).json().get("data", [])]
+                if server.model not in served:
+                    raise ServerFailed(f"the process answering on {server.url} serves {served}, not {server.model!r}: "
+                                       f"another process holds the port")
+                return ready
+        except (httpx.HTTPError, ValueError):
             pass
         if time.perf_counter() - t0 > timeout:
             raise ServerFailed(f"{server.kind} was not ready after {timeout:.0f} s{log_tail(server.log)}")

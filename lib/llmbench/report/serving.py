@@ -226,9 +226,11 @@ def figure(df: pd.DataFrame, figures_dir):
     the MLPerf limits as horizontal lines; None without completed runs."""
     plt = F.plt
     t = runs(df)
+    t = t[t.n > 0] if len(t) else t  # a run that completed nothing has no point to draw
     if t.empty:
         return None
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig.subplots_adjust(wspace=0.35)
     markers = dict(zip(sorted(t.engine.unique()), ["o", "s", "^", "D"]))
     labels = []
     for (model, server), g in t.groupby(["model", "engine"], sort=True):
