@@ -13,7 +13,7 @@ from llmbench.model import costmodel as cm
 from llmbench.model.inputs import tokens_per_char
 from llmbench.model.models import load_config, load_tokenizer
 from llmbench.results.decode_fit import fits, implied_ratio
-from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_mbu, fmt_time, is_finite
+from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_mbu, fmt_time
 from llmbench.results.frame import (LONG_PROMPT, REQUEST, config_keys, device_kind, latency_rows, ok, pair,
                                     published_ratios, repeats, trend, weights_used)
 from llmbench.results.ratios import CROSS_POINT, ratio_table, weight_ratio
