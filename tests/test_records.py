@@ -30,3 +30,17 @@ def test_only_finished_ok_runs_are_read(tmp_path):
     run(tmp_path / "g" / ".superseded" / "old", "ok")
     df = records.read_all(tmp_path)
     assert list(df.run_id) == ["good"] and list(df.grid.isna()) == [True]
+
+
+def test_runs_written_before_a_column_existed_still_load(tmp_path):
+    """The report reads old run folders: a column added since (study, predicted_s, ...) is empty, not missing."""
+    import pandas as pd
+
+    from llmbench.core.files import write_json
+    from llmbench.measure.records import COLUMNS, read_all
+    run = tmp_path / "01_latency-old"
+    run.mkdir()
+    pd.DataFrame([{"run_id": run.name, "metric": "tpot", "median": 0.1}]).to_parquet(run / "records.parquet")
+    write_json({"status": "ok", "run_id": run.name, "notebook": "01_latency", "grid": "g"}, run / "run.json")
+    df = read_all(tmp_path)
+    assert set(COLUMNS) <= set(df) and df.predicted_s.isna().all() and df["median"].tolist() == [0.1]

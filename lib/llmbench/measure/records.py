@@ -95,4 +95,8 @@ def read_all(results_dir) -> pd.DataFrame:
         df = pd.read_parquet(run / "records.parquet")
         df["grid"] = read_json(run / "run.json").get("grid")
         frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, "grid"])
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, "grid"])
+    for c in COLUMNS:  # runs written before a column existed: it is empty there, never a missing key
+        if c not in df:
+            df[c] = None
+    return df
