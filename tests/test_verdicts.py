@@ -40,7 +40,7 @@ def test_the_ci_must_lie_inside_the_range_to_support_and_wholly_outside_to_contr
     assert C.ci_verdict(2.5, 2.2, 2.8, 2, 3) == (C.SUPPORTED, "")
     assert C.ci_verdict(1.6, 1.5, 1.7, 2, 3) == (C.CONTRADICTED, "")
     assert C.ci_verdict(3.4, 3.1, 3.7, 2, 3) == (C.CONTRADICTED, "")
-    v, why = C.ci_verdict(1.16, 0.47, 2.84, 2, 3)  # the H200 eager record (FACTS section 9)
+    v, why = C.ci_verdict(1.16, 0.47, 2.84, 2, 3)  # the H200 eager record (measured on one H200, 2026-12-04)
     assert v == "inconclusive: CI 0.47-2.84 is wider than the claimed range 2-3 and straddles the claimed bound 2"
     assert "both sides" in why
     v, _ = C.ci_verdict(2.9, 2.7, 3.2, 2, 3)  # narrower than the range, over its top
@@ -143,7 +143,7 @@ def test_tokens_per_s_inherits_the_flag_of_the_step_time_it_was_derived_from():
 
 
 def test_a_ratio_above_the_bytes_ratio_is_judged_and_one_below_1_is_not():
-    # Xeon eager bf16 (FACTS section 10): 382.0 / 130.9 ms = 2.92 with MBU 0.54 vs 0.61: possible
+    # Xeon eager bf16 (measured on a 2-core Xeon, 2026-12-06): 382.0 / 130.9 ms = 2.92 with MBU 0.54 vs 0.61: possible
     d = frame([step(S, 0.1309, 0.61), step(L, 0.3820, 0.54)])
     assert ratios.ratio_table(d).iloc[-1]["work ratio"] < 2.92
     assert A.check_all(d, ratios.physical_ratios(d)).empty
@@ -170,7 +170,7 @@ def test_a_ratio_on_a_flagged_record_is_flagged_as_a_ratio_too():
 # --- 3. a dispatch-bound engine's ratio measures the host -------------------------------------------------
 
 def test_a_dispatch_bound_engine_is_excluded_from_the_ratio_verdict():
-    # H200 (FACTS section 9): eager 15.8 / 18.3 ms at MBU 4% / 8%; compiled 1.9 / 3.7 ms at 31% / 40%
+    # H200 (measured on one H200, 2026-12-04): eager 15.8 / 18.3 ms at MBU 4% / 8%; compiled 1.9 / 3.7 ms at 31% / 40%
     d = frame([step(S, 0.0158, 0.04), step(L, 0.0183, 0.08),
                step(S, 0.0019, 0.31, engine="compiled"), step(L, 0.0037, 0.40, engine="compiled")])
     by = verdicts(d)

@@ -35,7 +35,7 @@ UNTESTABLE = "not testable"
 INCONCLUSIVE = "inconclusive"
 NOT_JUDGED = "not judged"
 # Decode MBU below this: the step time is the host's per-step dispatch, not the model's bytes (an H200 ran
-# eager decode at 4% and 8% for 1B and 3B; FACTS section 9), so that engine's 3B/1B ratio says nothing of
+# eager decode at 4% and 8% for 1B and 3B, measured on one H200), so that engine's 3B/1B ratio says nothing of
 # the models. The verdict states it; data/claims.yaml's rules refer to it without repeating the number.
 DISPATCH_MBU = 0.15
 MODELS = ("llama-3.2-1b", "llama-3.2-3b")

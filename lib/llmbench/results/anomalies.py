@@ -160,8 +160,8 @@ def wide_ci(df) -> list[dict]:
 def ratio_outside(ratios: pd.DataFrame) -> list[dict]:
     """Ratios (columns: what, ratio, ci_low, ci_high, low, high; optional flag) that cannot be measurements:
     below `low` beyond the CI (the larger model taking less time), or resting on a flagged record (`flag`).
-    A ratio above `high` (the bytes ratio) is possible: the larger model may read at a lower rate (FACTS
-    section 10: eager 3B/1B 2.92 with MBU 0.54 vs 0.61), so it is not flagged (ratio_note says it)."""
+    A ratio above `high` (the bytes ratio) is possible: the larger model may read at a lower rate (on a 2-core
+    Xeon, eager 3B/1B 2.92 with MBU 0.54 vs 0.61), so it is not flagged (ratio_note says it)."""
     out = []
     for r in ratios.to_dict("records"):
         lo = r["ci_low"] if np.isfinite(r["ci_low"]) else r["ratio"]
