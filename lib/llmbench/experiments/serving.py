@@ -19,7 +19,6 @@ the thread that forked it). Metrics: serving_metrics (pure functions).
 """
 import asyncio
 import atexit
-import ctypes
 import json
 import os
 import signal
@@ -30,8 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmbench.core.errors import Unsupported
-from llmbench.core.errors import UserError
+from llmbench.core.errors import Unsupported, UserError
 from llmbench.core.files import write_json
 from llmbench.experiments.session import add, row
 from llmbench.measure import serving_metrics as SM
@@ -39,8 +37,8 @@ from llmbench.model import gguf_export
 from llmbench.model.gguf_types import BACKEND, KV_TYPE, MEANING, gguf_type
 from llmbench.model.inputs import make_batch
 from llmbench.model.models import load_config, load_tokenizer
-from llmbench.system import llamaserver_build
-from llmbench.system import noise
+from llmbench.system import llamaserver_build, noise
+from llmbench.system.children import die_with_parent
 
 SERVERS = ("llama-server", "endpoint", "vllm")
 SERVER_UNSUPPORTED = {
@@ -62,22 +60,6 @@ class ServerFailed(Exception):
 
 _OWNED: dict[int, tuple] = {}   # pid -> (process, its servers.json): every server started here and not yet stopped
 _HANDLERS_SET = False
-
-
-def _pdeathsig(parent: int):
-    """In the child before exec: SIGKILL when the parent thread dies; exit now if it already has.
-    libc is loaded here, in the parent: a forked child of a threaded process must not dlopen."""
-    try:
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except OSError:
-        prctl = None  # not Linux: the process group, atexit and signal handlers remain
-
-    def f():
-        if prctl is not None:
-            prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-    return f
 
 
 def _kill_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> int | None:
@@ -180,7 +162,7 @@ def spawn(cmd: list[str], log: Path, pids_file: Path, env: dict | None = None) -
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_pdeathsig(os.getpid()), env=env)
+                                start_new_session=True, preexec_fn=die_with_parent(os.getpid()), env=env)
     _OWNED[proc.pid] = (proc, pids_file)
     _record_pid(pids_file, {"pid": proc.pid, "pgid": proc.pid, "cmd": cmd, "parent_pid": os.getpid(),
                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stopped": None, "exit_code": None})

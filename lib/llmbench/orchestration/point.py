@@ -1,7 +1,6 @@
 """One grid point = one process: `llmbench run-point` executes one notebook with papermill into its own
 folder and records how it went (ok, failed, timeout: status, error, log tail); the runner starts that
 process with the grid's outer timeout and records the point itself if the process could not."""
-import ctypes
 import json
 import os
 import platform
@@ -14,6 +13,7 @@ from pathlib import Path
 from llmbench.core import paths
 from llmbench.core.files import read_json, write_json
 from llmbench.orchestration.layout import LOG_TAIL_LINES, _tail, finalize, point_status
+from llmbench.system.children import die_with_parent
 from llmbench.system.nbexec import KERNEL
 from llmbench.system.noise import machine_check
 from llmbench.system.provenance import git_commit, package_versions
@@ -66,20 +66,12 @@ def run_point(notebook: str, params: dict, gdir: Path, run_id: str, grid_name: s
     return info
 
 
-def _die_with_parent():
-    """In the child: get SIGKILL when the runner dies, so a killed runner leaves no orphan point."""
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def _spawn(point, grid, gdir, tmp):
     cmd = [sys.executable, "-m", "llmbench.cli", "run-point", point["notebook"], "--params",
            json.dumps(point["params"]), "--grid-dir", str(gdir), "--run-id", point["run_id"],
            "--grid-name", grid["name"], "--cell-timeout", str(grid["cell_timeout_s"]), "--tmp-dir", str(tmp)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
 
 
 def _run_one(point, grid, gdir) -> dict:
