@@ -31,12 +31,11 @@ import torch
 from llmbench.measure import ceilings
 from llmbench import engines as engine
 from llmbench.model import costmodel as cm
-from llmbench.system.device import DTYPES, fastest_dtype, pick_device, timed, torch_device
+from llmbench.system.device import DTYPES, fastest_dtype, pick_device, torch_device
 from llmbench.core.errors import UserError, check_choice
-from llmbench.measure.timing import compiles_so_far
 from llmbench.model.quant.methods import METHODS
 from llmbench.core.errors import Unsupported
-from llmbench.experiments.pairs import weight_reader  # the grid's 05_pairs holds each step to the same read
+from llmbench.experiments.pairs import Side, time_round, weight_reader  # the grid's 05_pairs times its rounds the same way
 from llmbench.core.stats import flatten, ratio_of_medians
 from llmbench.model.inputs import make_batch
 
@@ -51,7 +50,7 @@ def read_bandwidth(kind: str) -> float:
 
 
 def load_model(name, dtype, quant, kind, context, steps, gen_tokens, device_rate):
-    """{engine: (Engine, result record)} of one model: compiled, and eager on the same tensors (eager alone
+    """{engine: (its pairs.Side, result record)} of one model: compiled, and eager on the same tensors (eager alone
     where compiled is unsupported; quantized, each its own). Each runs the greedy generation that is both
     the token comparison and the warm-up that compiles every shape."""
     req = engine.LoadRequest(engine="compiled", model=name, weights="synthetic", dtype=dtype, quant=quant,
@@ -73,27 +72,10 @@ def load_model(name, dtype, quant, kind, context, steps, gen_tokens, device_rate
     for eng, e in out.items():
         print(f"{name} {eng}: {e.description}", flush=True)
         tokens = engine.generate(e, ids, gen_tokens).cpu()
-        res[eng] = (e, dict(ids=ids, blocks=[], rates=[], recompiles=0, tokens=tokens, compile_s=e.compile_s,
-                            load_s=e.load_s, read=read,
-                            bytes=cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)))
+        res[eng] = (Side(fields={"engine": eng}, e=e, ids=ids, read=read),
+                    dict(tokens=tokens, compile_s=e.compile_s, load_s=e.load_s,
+                         bytes=cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)))
     return res
-
-
-def time_repeat(e, r: dict, steps: int) -> None:
-    """One repeat: prefill, two warm-up steps, then `steps` decode steps timed one by one, each right
-    after one read of the engine's own weights (the rate it is held to)."""
-    state, tok = engine.prefill(e, r["ids"])
-    for _ in range(2):
-        state, tok = engine.decode(e, state, tok)
-    before, block, rates = compiles_so_far(e), [], []
-    for _ in range(steps):
-        rates.append(r["read"]())
-        (state, tok), t = timed(lambda: engine.decode(e, state, tok), e.kind)
-        block.append(t)
-    r["recompiles"] += compiles_so_far(e) - before
-    engine.release(e, state)
-    r["blocks"].append(block)
-    r["rates"].append(rates)
 
 
 def main():
@@ -132,10 +114,10 @@ def main():
         group_order = [(s, g) for s in group for g in ENGINES if g in loaded[s]]  # eager, then compiled
         for rep in range(args.repeats):  # alternate models and engines; the order flips every repeat
             for short, eng in (group_order if rep % 2 == 0 else group_order[::-1]):
-                time_repeat(*loaded[short][eng], args.steps)
-        for short, eng in group_order:
-            res[(short, eng)] = loaded[short][eng][1]
-            del res[(short, eng)]["read"]  # it holds the weights
+                time_round(loaded[short][eng][0], args.steps)
+        for short, eng in group_order:  # the timings only: the Side holds the weights
+            side, r = loaded[short][eng]
+            res[(short, eng)] = {**r, "blocks": side.blocks, "rates": side.rates, "recompiles": side.recompiles}
         order += group_order
         del loaded
         if len(groups) > 1:
