@@ -26,8 +26,8 @@ from llmbench.core.stats import ratio_of_medians
 from llmbench.measure.ceilings import load_specs
 from llmbench.model import costmodel as cm
 from llmbench.model.models import describe_model, is_real, load_config
-from llmbench.results import fmt, frame, ratios
 from llmbench.results import anomalies as A
+from llmbench.results import fmt, frame, ratios
 
 SUPPORTED, CONTRADICTED = "supported", "contradicted"
 BOUND = "contradicted by a physical bound"

@@ -32,8 +32,7 @@ from llmbench.engines.eager import build
 from llmbench.model import llama
 from llmbench.model.quant import cpu_gemv
 from llmbench.model.quant.methods import replace_linears
-from llmbench.system.device import is_oom, set_task_queue
-from llmbench.system.device import synchronize, torch_device
+from llmbench.system.device import is_oom, set_task_queue, synchronize, torch_device
 from llmbench.system.npu_chips import chip_supports
 
 CPU_REDUCE_ROWS = 1  # rows (batch x tokens) up to which the inductor multiply-reduce beats its GEMM

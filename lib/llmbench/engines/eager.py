@@ -16,9 +16,7 @@ from llmbench.engines import Engine, LoadRequest, greedy
 from llmbench.model.models import load_config, load_model, load_tokenizer
 from llmbench.model.quant import methods as quant
 from llmbench.model.quant.methods import streamed_weight_bytes, weight_bytes
-from llmbench.system.device import set_task_queue
-from llmbench.system.device import synchronize
-from llmbench.system.device import usable_dtypes
+from llmbench.system.device import set_task_queue, synchronize, usable_dtypes
 
 
 def build(req: LoadRequest, name: str, convert=None, quantize=None) -> Engine:

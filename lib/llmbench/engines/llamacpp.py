@@ -34,8 +34,7 @@ from llmbench.model import gguf_export
 from llmbench.model.gguf_types import BACKEND, KV_TYPE, MEANING, gguf_type
 from llmbench.model.models import check_weights_path, load_config, load_tokenizer, weights_label
 from llmbench.system.device import backend
-from llmbench.system.llamacpp_build import BUILD_INFO
-from llmbench.system.llamacpp_build import not_built
+from llmbench.system.llamacpp_build import BUILD_INFO, not_built
 
 GGML_TYPE = {"F32": 0, "F16": 1, "BF16": 30}  # ggml.h enum ggml_type, for the KV cache
 

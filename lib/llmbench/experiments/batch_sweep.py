@@ -7,16 +7,15 @@ real out-of-memory kills the process (the kernel's OOM killer), so there a batch
 is recorded without being run, and the largest batch that fits is predicted from the cost model's
 footprint; on accelerators it is tried (short prefill + decode steps, doubling until out of memory).
 """
-from llmbench.model import costmodel as cm
-from llmbench.system import energy
 from llmbench import engines as engine
-from llmbench.system import noise
-from llmbench.system.device import empty_cache, free_memory, is_oom
+from llmbench.core.stats import regroup
 from llmbench.experiments.latency import generate_cost, ids_for, read_ceiling, recompile_status
-from llmbench.measure.timing import time_decode, time_generate, time_prefill, watched
 from llmbench.experiments.plans import BatchPlan
 from llmbench.experiments.session import Session, add, add_compile_times, config_fields, row
-from llmbench.core.stats import regroup
+from llmbench.measure.timing import time_decode, time_generate, time_prefill, watched
+from llmbench.model import costmodel as cm
+from llmbench.system import energy, noise
+from llmbench.system.device import empty_cache, free_memory, is_oom
 
 SEARCH_LIMIT = 4096  # never try batches beyond this when searching for the largest one
 

@@ -12,8 +12,7 @@ from llmbench.experiments.session import Session, add, add_compile_times, config
 from llmbench.measure.timing import time_decode, time_generate, time_prefill, watched
 from llmbench.model import costmodel as cm
 from llmbench.model.inputs import make_batch
-from llmbench.system import energy
-from llmbench.system import noise
+from llmbench.system import energy, noise
 from llmbench.system.device import torch_device
 
 AGREEMENT_STEPS = 16  # greedy steps an engine is compared with transformers eager on the same weights

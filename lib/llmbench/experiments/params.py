@@ -9,13 +9,11 @@ from functools import lru_cache
 from llmbench.core import paths
 from llmbench.core.errors import UserError
 from llmbench.engines import ENGINES
-from llmbench.experiments.serving import SERVERS
-from llmbench.experiments.serving import check_url
+from llmbench.experiments.serving import SERVERS, check_url
 from llmbench.model.inputs import TOKENS
 from llmbench.model.models import check_weights_path, model_names
 from llmbench.model.quant.methods import METHODS
-from llmbench.system.device import DEVICES, DTYPES
-from llmbench.system.device import fastest_dtype, pick_device
+from llmbench.system.device import DEVICES, DTYPES, fastest_dtype, pick_device
 
 # Set by the runner for each grid point; a grid file may not set them.
 RESERVED = ("out_dir", "grid_dir")

@@ -7,8 +7,7 @@ stack. An unsupported method is a recorded result with its reason.
 """
 from llmbench import engines as engine
 from llmbench.core.stats import ratio_of_medians, regroup
-from llmbench.experiments import batch_sweep
-from llmbench.experiments import latency
+from llmbench.experiments import batch_sweep, latency
 from llmbench.experiments.plans import QuantPlan
 from llmbench.experiments.session import Session, add, config_fields, load, row
 from llmbench.measure.fidelity import compare_logits, perplexity

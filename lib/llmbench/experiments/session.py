@@ -15,8 +15,7 @@ from llmbench.core.keys import CONFIG_KEYS, STUDIES
 from llmbench.measure import ceilings
 from llmbench.measure.records import record, write_records
 from llmbench.model.costmodel import efficiency
-from llmbench.system import canary
-from llmbench.system import energy
+from llmbench.system import canary, energy
 from llmbench.system.device import describe
 
 

@@ -24,12 +24,10 @@ from llmbench.core import paths
 from llmbench.core.errors import Unsupported
 from llmbench.engines import LoadRequest
 from llmbench.experiments.latency import _graph_logits
-from llmbench.measure.fidelity import FIDELITY_PPL, compare_logits
-from llmbench.measure.fidelity import perplexity
+from llmbench.measure.fidelity import FIDELITY_PPL, compare_logits, perplexity
 from llmbench.measure.records import record
 from llmbench.model.inputs import corpus_stream
-from llmbench.model.models import load_tokenizer
-from llmbench.model.models import weights_label
+from llmbench.model.models import load_tokenizer, weights_label
 from llmbench.model.quant.methods import METHODS
 from llmbench.system.device import torch_device
 

@@ -17,9 +17,8 @@ from llmbench.core.files import read_json
 from llmbench.measure.records import record
 from llmbench.model.quant import cpu_gemv
 from llmbench.model.quant import npu as quant_npu
-from llmbench.system.device import DTYPES, timed, torch_device
-from llmbench.system.device import backend, cpu_model
 from llmbench.system import npu_chips
+from llmbench.system.device import DTYPES, backend, cpu_model, timed, torch_device
 
 
 def _repeat(fn, kind, warmup, repeats):

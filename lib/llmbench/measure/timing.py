@@ -14,8 +14,7 @@ import functools
 from llmbench import engines as engine
 from llmbench.core.errors import Unsupported
 from llmbench.model.quant import cpu_gemv
-from llmbench.system import canary
-from llmbench.system import noise
+from llmbench.system import canary, noise
 from llmbench.system.device import peak_memory, reset_peak_memory, timed
 
 

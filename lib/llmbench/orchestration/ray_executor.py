@@ -23,10 +23,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmbench.orchestration import layout, local
-from llmbench.orchestration.point import _run_one
 from llmbench.core.errors import UserError
 from llmbench.core.files import read_json, write_json
+from llmbench.orchestration import layout, local
+from llmbench.orchestration.point import _run_one
 
 PROBE_TIMEOUT_S = 60      # a node that does not say its hostname within this is not used
 REFRESH_S = 10            # how often the driver looks for nodes that joined or died

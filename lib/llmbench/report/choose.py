@@ -9,8 +9,7 @@ import pandas as pd
 
 from llmbench.model import costmodel as cm
 from llmbench.model.models import load_config
-from llmbench.results import fmt
-from llmbench.results import frame
+from llmbench.results import fmt, frame
 
 CONTEXTS = (2048, 8192, 32768, 131072)  # tokens per sequence for the memory table (131072: the models' maximum)
 

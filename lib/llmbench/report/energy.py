@@ -10,9 +10,7 @@ import pandas as pd
 
 from llmbench.core.stats import ratio_of_medians
 from llmbench.report import figures as F
-from llmbench.results import fmt
-from llmbench.results import frame
-from llmbench.results import ratios
+from llmbench.results import fmt, frame, ratios
 from llmbench.results.energy import METRICS, SHAPE, _pairs, _stat, meter, not_readable, rows
 
 

@@ -9,9 +9,7 @@ import pandas as pd
 
 from llmbench.core.keys import STUDIES
 from llmbench.core.stats import ratio_of_medians
-from llmbench.results import fmt
-from llmbench.results import frame
-from llmbench.results import ratios
+from llmbench.results import fmt, frame, ratios
 
 RECOMPILED = "compilation(s) during the timed calls"  # latency.recompile_status
 LAUNCH_MBU = 0.30  # eager decode on an accelerator below this share of bandwidth: host/launch-bound

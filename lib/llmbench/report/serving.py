@@ -6,9 +6,9 @@ of those sustainable rates. Every number is read from the records; nothing here 
 import numpy as np
 import pandas as pd
 
-from llmbench.results import fmt, frame
 from llmbench.measure import serving_metrics as SM
 from llmbench.report import figures as F
+from llmbench.results import fmt, frame
 
 CONFIG = ["model", "engine", "dtype", "quant", "device", "prompt_len", "new_tokens"]
 RUN = ["run_id", "request_rate", "concurrency"]

@@ -7,8 +7,8 @@ records: experiment "fidelity".
 """
 import pandas as pd
 
-from llmbench.model.models import is_real
 from llmbench.measure.fidelity import FIDELITY_PPL
+from llmbench.model.models import is_real
 from llmbench.results import frame
 
 RUN_IT = ("run `python benchmarks/trained.py` (it writes a finished run folder under data/runs/<device>/trained/, "

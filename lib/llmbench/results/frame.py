@@ -29,11 +29,9 @@ def load(results_dir) -> tuple[pd.DataFrame, list[dict]]:
     df = read_all(results_dir)
     by_id = {r["run_id"]: r["notebook"] for r in runs}
     df["notebook"] = df["run_id"].map(by_id)  # provenance only: selections use `study`
-    if "study" not in df:  # records written before the study column: it follows from the notebook
-        df["study"] = None
+    # read_all gives every column, empty where a run predates it: an old record's study follows from its
+    # notebook, and records from before the engine axis all ran HF transformers eagerly
     df["study"] = df["study"].fillna(df["notebook"].map(STUDIES))
-    if "engine" not in df:  # records from before the engine axis: all ran HF transformers eagerly
-        df["engine"] = None
     df.loc[df.engine.isna() & df.model.notna(), "engine"] = "eager"
     return df, runs
 

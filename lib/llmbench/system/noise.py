@@ -25,8 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmbench.system import canary
-from llmbench.system import npu_smi
+from llmbench.system import canary, npu_smi
 
 TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
