@@ -14,7 +14,7 @@ from llmbench.model import costmodel as cm
 from llmbench.report import sections as R
 from llmbench.model.models import load_config
 from llmbench.claims import energy
-from llmbench.results import ratios
+from llmbench.results import fmt, ratios
 from test_report_logic import L, S, _claim, frame, rec, tpot
 
 RATIO = _claim(check="tpot_ratio", device="any", range=[2.0, 3.0])  # the seed's "3B is 2-3x slower"
@@ -186,3 +186,112 @@ def test_the_dispatch_threshold_is_the_named_constant(mbu, judged):
     d = frame([step(S, 0.050, mbu), step(L, 0.120, 0.6)])
     v = verdicts(d)["eager"]["verdict"]
     assert (v == "supported") if judged else ("is dispatch-bound" in v)
+
+
+# --- 4. the serving claims: requests/s and dynamic batching, from 04_serving records ------------------------
+
+def closed_loop(conc, ttft, tpot, per_worker=4, spread=0.05, seed=0):
+    """A closed loop of `conc` workers, each sending its next request when the last one ends; TTFT and TPOT
+    (s) drawn around the given values, 11 output tokens per request."""
+    from llmbench.measure import serving_metrics as SM
+    rng, rs = np.random.default_rng(seed), []
+    for w in range(conc):
+        t = 0.0
+        for _ in range(per_worker):
+            first = t + ttft * (1 + spread * rng.standard_normal())
+            step_s = tpot * (1 + spread * rng.standard_normal())
+            chunks = [first + k * step_s for k in range(11)]
+            rs.append(SM.RequestResult(len(rs), False, t, t, chunks, chunks[-1], 128, 11, 0, None))
+            t = chunks[-1]
+    return SM.summarize_run(rs, SM.limits(), None)
+
+
+def serving_frame(tmp_path, loads, device="npu", quant="w8a8", prompt_len=128, new_tokens=128):
+    """Records of closed-loop runs: loads = {model: {concurrency: (ttft, tpot)}}, one run_id per model."""
+    import test_report_serving as TS
+    from llmbench.experiments import serving as SV
+    from llmbench.experiments.session import add
+    rows = []
+    for model, runs in loads.items():
+        c = TS.ctx(tmp_path, model)
+        for conc, (ttft, tpot) in runs.items():
+            rows += add(c, SV._rows(c, closed_loop(conc, ttft, tpot, seed=conc), dict(
+                engine="llama-server", prompt_len=prompt_len, new_tokens=new_tokens, tokens="random",
+                request_rate=None, concurrency=conc, other_cores=0.1)))
+    d = pd.DataFrame(rows)
+    d["device"], d["quant"] = device, quant
+    return d
+
+
+def serving_verdict(d, cid, kind="npu", flags=None):
+    from llmbench.claims import serving as CS
+    claim = next(c for c in claims.load_claims() if c["id"] == cid)
+    ok = d if flags is None else d[flags == ""]
+    return CS.CLAIM_CHECKS[claim["check"]](claim, C.ClaimContext(df=ok, kind=kind, pair=(S, L), all=d, flags=flags))
+
+
+BATCHING = {S: {1: (0.2, 0.02), 4: (0.2, 0.03)}}  # 4 in flight: TPOT 1.5x, E2E 0.5 s against 0.4 s
+
+
+def test_dynamic_batching_is_supported_by_the_throughput_gain_and_shows_the_latency_it_adds(tmp_path):
+    from llmbench.claims import serving as CS
+    d = serving_frame(tmp_path, BATCHING)
+    [v] = serving_verdict(d, "dynamic_batching")
+    runs = CS.serving_runs(d).set_index("concurrency", drop=False)
+    gain = CS.batching_gain(runs.loc[1], runs.loc[4])["gain"]
+    assert 2.8 < gain[0] < 3.6 and gain[1] > 1  # 4 x 0.4 / 0.5 = 3.2
+    assert v["verdict"] == "supported" and v["engine"] == "llama-server"
+    assert f"achieved {runs.loc[1].achieved:.3g} vs {runs.loc[4].achieved:.3g} req/s" in v["value"]
+    assert f"{fmt.fmt_ci(*gain)}x" in v["value"] and "p99" in v["value"]
+    assert f"TPOT p50 {fmt.fmt_time(np.percentile(runs.loc[1].tpot, 50))}" in v["value"]
+    tpot = CS.batching_gain(runs.loc[1], runs.loc[4])["tpot"][0]
+    assert 1.3 < tpot < 1.7 and "may add latency" in v["why"] and f"TPOT p50 x{tpot:.3g}" in v["why"]
+
+
+def test_dynamic_batching_without_a_gain_is_contradicted(tmp_path):
+    # 4 in flight served one after another: each request waits for the other three (E2E 4.4x)
+    d = serving_frame(tmp_path, {S: {1: (0.2, 0.02), 4: (0.88, 0.088)}})
+    [v] = serving_verdict(d, "dynamic_batching")
+    assert v["verdict"] == "contradicted", v
+
+
+def test_dynamic_batching_off_the_npu_is_context_with_its_numbers(tmp_path):
+    [v] = serving_verdict(serving_frame(tmp_path, BATCHING, device="cpu"), "dynamic_batching", kind="cpu")
+    assert v["basis"] == "measured here, for context" and v["verdict"].startswith("not testable: needs an Ascend NPU")
+    assert "req/s" in v["value"] and "throughput gain" in v["value"]
+
+
+def test_dynamic_batching_never_rests_on_a_failed_or_flagged_run(tmp_path):
+    d = serving_frame(tmp_path, BATCHING)
+    failed = d.assign(status=np.where(d.concurrency == 4, "failed: server exited with code 9 (during this run)", "ok"))
+    [v] = serving_verdict(failed, "dynamic_batching")
+    assert v["verdict"].startswith("not testable") and "closed loop, 4 in flight: failed: server exited" in v["value"]
+    flags = pd.Series(np.where((d.concurrency == 4) & (d.metric == "serving_e2e"), "planted flag", ""), index=d.index)
+    [v] = serving_verdict(d, "dynamic_batching", flags=flags)
+    assert v["verdict"].startswith("not testable") and "E2E record is missing, flagged or failed" in v["value"]
+    assert "is flagged (planted flag)" in v["value"]
+
+
+def test_serving_throughput_on_the_npu_is_judged_from_the_best_quantized_run(tmp_path):
+    d = serving_frame(tmp_path, {S: {1: (0.2, 0.02), 4: (0.2, 0.03)}, L: {1: (0.3, 0.05)}})
+    thr = d.metric == "request_throughput"
+    d.loc[thr & (d.model == S) & (d.concurrency == 4), "median"] = 1500.0
+    d.loc[thr & (d.model == L), "median"] = 400.0
+    v = serving_verdict(d, "serving_throughput")
+    assert v["verdict"] == "supported" and f"{S}: 1.5e+03 req/s" in v["value"] and f"{L}: 400 req/s" in v["value"]
+    d.loc[thr & (d.model == S) & (d.concurrency == 4), "median"] = 50.0
+    assert serving_verdict(d, "serving_throughput")["verdict"] == "contradicted"
+    # a failed run's higher rate is named, never counted
+    d.loc[thr & (d.model == S) & (d.concurrency == 1), ["median", "status"]] = [1500.0, "failed: planted"]
+    v = serving_verdict(d, "serving_throughput")
+    assert v["verdict"] == "contradicted" and "failed: planted" in v["value"]
+
+
+def test_serving_throughput_needs_the_claims_request_and_quantization(tmp_path):
+    v = serving_verdict(serving_frame(tmp_path, {S: {1: (0.2, 0.02)}, L: {1: (0.3, 0.05)}}, prompt_len=8, new_tokens=11),
+                        "serving_throughput")
+    assert v["verdict"].startswith("not testable: needs quantized serving runs of both models with 128-token")
+    assert "other request lengths (8+11 tokens)" in v["value"]
+    v = serving_verdict(serving_frame(tmp_path, {S: {1: (0.2, 0.02)}, L: {1: (0.3, 0.05)}}, device="cpu"),
+                        "serving_throughput", kind="cpu")
+    assert v["basis"] == "measured here, for context" and f"{S}: " in v["value"]

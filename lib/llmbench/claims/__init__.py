@@ -1,15 +1,17 @@
 """The seed document's quantitative claims, each checked against the records (claims.yaml names the check).
 
 checks.py holds the latency, throughput, memory, quantization and device checks and the verdict
-vocabulary; energy.py the energy claims; vocabulary.py the tokenizer claim. CHECKS merges them.
+vocabulary; energy.py the energy claims; serving.py the requests/s and dynamic-batching claims from the serving
+records; vocabulary.py the tokenizer claim. CHECKS merges them.
 """
 from llmbench.claims.checks import CHECKS as _RECORD_CHECKS
 from llmbench.claims.checks import ClaimContext, load_claims
 from llmbench.claims.energy import CLAIM_CHECKS as _ENERGY_CHECKS
+from llmbench.claims.serving import CLAIM_CHECKS as _SERVING_CHECKS
 from llmbench.claims.vocabulary import vocabulary_claim
 from llmbench.results import anomalies, frame
 
-CHECKS = {**_RECORD_CHECKS, **_ENERGY_CHECKS, "vocabulary_claim": vocabulary_claim}
+CHECKS = {**_RECORD_CHECKS, **_ENERGY_CHECKS, **_SERVING_CHECKS, "vocabulary_claim": vocabulary_claim}
 
 
 def check_all(df, proj, claims=None) -> list[dict]:
