@@ -101,3 +101,28 @@ def test_busy_machine_is_said(tmp_path, model):
     df = records(tmp_path)
     df["other_cores"] = 1.2
     assert "shared the machine" in RS.text(df)
+
+
+def test_what_to_choose_uses_goodput_where_serving_records_exist(tmp_path):
+    from llmbench.report import choose as CH
+    from llmbench.results import frame
+    df = records(tmp_path)
+    sat = (df.metric == "goodput_mlperf_conversational") & (df.request_rate == 0.8)  # the saturated 1B run
+    df.loc[sat, "median"] = 99.0  # a run that fell behind its load is never chosen, whatever its goodput
+    targets = frame.published()["latency_targets"]
+    conv = next(t for t in targets if t["name"] == "MLPerf conversational")
+    best = CH.goodput_choice(df, conv)
+    t = RS.runs(df)
+    usable = t[~t.saturated & (t.completed_share == 1)]
+    col = "goodput_mlperf_conversational"
+    assert best.goodput.iloc[0] == usable[col].max()  # the highest goodput of a run that kept up
+    assert set(best.index) <= set(usable.index) and best.goodput.max() < 99
+    text = CH.choose_text(df, targets)
+    line = next(x for x in text.splitlines() if "MLPerf conversational" in x)
+    assert "from the serving runs (04_serving), by goodput" in line
+    top = best.iloc[0]
+    assert f"Highest: {top.model} on llama-server (bf16, quant none), {top.goodput:.3g} req/s" in line
+    # without serving records: today's logic, which needs batch-1 latency records
+    assert CH.choose_text(df[df.experiment != "serving"], targets) == "No batch-1 latency records: nothing to choose from."
+    # a target that is not a serving limit keeps today's logic even with serving records
+    assert CH.goodput_choice(df, next(t for t in targets if t["name"].startswith("seed:"))).empty

@@ -2,13 +2,17 @@
 that choice costs in throughput and memory; and how much KV cache the Ascend memory classes hold.
 
 Targets come from data/published.yaml (MLPerf's interactive and conversational limits, the seed's own
-figures), each with its source. Everything else is read from the records.
+figures), each with its source. Everything else is read from the records. Where serving records exist
+(04_serving), an MLPerf target is answered by goodput, the requests/s a server delivered within both of
+its limits under load, instead of the batch-1 latencies: that is the deployer's question.
 """
 import numpy as np
 import pandas as pd
 
+from llmbench.measure import serving_metrics as SM
 from llmbench.model import costmodel as cm
 from llmbench.model.models import load_config
+from llmbench.report import serving as RS
 from llmbench.results import fmt, frame
 
 CONTEXTS = (2048, 8192, 32768, 131072)  # tokens per sequence for the memory table (131072: the models' maximum)
@@ -94,12 +98,54 @@ def choose(df, targets: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def goodput_choice(df, target: dict) -> pd.DataFrame:
+    """Per served configuration (model, server, dtype, quant): its serving run with the highest goodput at
+    this target (requests/s within both its TTFT and TPOT limit), among runs that were not saturated and
+    completed every request. Empty when the target is not a serving limit or no such run exists."""
+    t = RS.runs(df)
+    if t.empty or target["name"] not in {lim.name for lim in SM.limits()}:
+        return pd.DataFrame()
+    col = f"goodput_{SM.slug(target['name'])}"
+    t = t[~t.saturated & (t.completed_share == 1) & np.isfinite(t[col])]
+    if t.empty:
+        return t
+    keys = [k for k in ("model", "engine", "dtype", "quant") if k in t]
+    best = t.loc[t.groupby(keys, sort=True)[col].idxmax()]
+    return best.assign(goodput=best[col]).sort_values("goodput", ascending=False)
+
+
+def _goodput_line(df, target: dict) -> str | None:
+    """The target's line from the serving runs, or None where there are none (today's logic then)."""
+    b = goodput_choice(df, target)
+    if b.empty:
+        return None
+    limits = ", ".join(f"{k} ≤ {fmt.fmt_time(target[f'{k.lower()}_s'])}" for k in ("TTFT", "TPOT") if target.get(f"{k.lower()}_s"))
+
+    def who(r):
+        return f"{r['model']} on {r['engine']} ({r['dtype']}, quant {r['quant']})"
+    top = b.iloc[0]
+    return (f"- **{target['name']}** ({limits}), from the serving runs (04_serving), by goodput: the requests/s whose "
+            f"TTFT and TPOT both met the limit, in runs that kept up with their load and completed every request. "
+            f"Highest: {who(top)}, {top.goodput:.3g} req/s ({RS._load_label(top)}, achieved {top.achieved:.3g} req/s)."
+            + (" Others: " + "; ".join(f"{who(r)} {r.goodput:.3g} req/s" for _, r in b.iloc[1:].iterrows()) + "."
+               if len(b) > 1 else "")
+            + " The batch-1 latencies are not used for this target.")
+
+
 def choose_text(df, targets: list[dict]) -> str:
     t = choose(df, targets)
-    if t.empty:
+    served = {x["name"]: _goodput_line(df, x) for x in targets}
+    if t.empty and not any(served.values()):
         return "No batch-1 latency records: nothing to choose from."
     out = []
-    for name, g in t.groupby("target", sort=False):
+    for x in targets:
+        if served[x["name"]]:
+            out.append(served[x["name"]])
+            continue
+        g = t[t.target == x["name"]] if len(t) else t
+        if g.empty:
+            continue
+        name = x["name"]
         yes = g[g.meets == "yes"]
         if yes.empty:
             out.append(f"- **{name}** ({g.limits.iat[0]}): no configuration measured here meets it.")
