@@ -54,10 +54,13 @@ def test_server_lifecycle_records_pid_and_leaves_nothing(tmp_path):
     assert os.getpgid(pid) == pid  # its own process group
     entries = json.loads((tmp_path / "servers.json").read_text())
     assert [e["pid"] for e in entries][-1] == pid and entries[-1]["stopped"] is None
+    assert S.pgrep_group(pid) == ([pid], f"pgrep -g {pid}")  # the group the study gave it, found by pgrep
+    assert f"`pgrep -g {pid}`: {pid} STILL RUNNING" in S.leftover_text(tmp_path)
     S.stop(server)
     assert gone(pid) and not S.leftover(tmp_path)
     assert all(e["stopped"] is not None for e in json.loads((tmp_path / "servers.json").read_text()))
     assert "none is still running" in S.leftover_text(tmp_path)
+    assert f"`pgrep -g {pid}`: no process" in S.leftover_text(tmp_path)
 
 
 def test_a_foreign_server_on_the_port_is_not_taken_for_ours(tmp_path):
@@ -252,7 +255,8 @@ def test_sigkill_of_the_process_that_started_the_server_kills_the_server(tmp_pat
     runner.wait()
     assert gone(pid), f"server {pid} outlived its runner"
     assert [e["pid"] for e in json.loads((tmp_path / "servers.json").read_text())] == [pid]
-    assert not S.leftover(tmp_path)
+    assert not S.leftover(tmp_path) and S.pgrep_group(pid)[0] == []
+    assert f"`pgrep -g {pid}`: no process" in S.leftover_text(tmp_path)
 
 
 def test_sigterm_of_the_runner_stops_the_server_through_its_handler(tmp_path):

@@ -699,12 +699,32 @@ def leftover(run_dir: Path) -> list[dict]:
     return [e for e in entries if pid_alive(e["pid"])]
 
 
+def pgrep_group(pgid: int) -> tuple[list[int], str]:
+    """(pids, how) of every live process in the process group the study gave a server (`pgrep -g`): the
+    server and anything it started. pgrep exits 1 when nothing matches; any other failure is said in `how`."""
+    try:
+        r = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [], f"pgrep could not run: {type(e).__name__}: {e}"
+    if r.returncode not in (0, 1):
+        return [], f"pgrep -g {pgid} failed (exit {r.returncode}): {r.stderr.strip()[:200]}"
+    pids = [int(x) for x in r.stdout.split()]
+    return [p for p in pids if pid_alive(p)], f"pgrep -g {pgid}"  # a zombie awaiting its reaper runs nothing
+
+
 def leftover_text(run_dir: Path) -> str:
+    """The closing proof: every server pid servers.json recorded, and what `pgrep -g <its process group>`
+    finds now (nothing, after a clean stop)."""
     f = Path(run_dir) / "servers.json"
     entries = json.loads(f.read_text()) if f.is_file() else []
     if not entries:
         return "This run started no server."
     left = leftover(run_dir)
     pids = ", ".join(str(e["pid"]) for e in entries)
-    return (f"Servers started (pids {pids}): " + ("none is still running." if not left else
-            f"STILL RUNNING: {', '.join(str(e['pid']) for e in left)}"))
+    checks = []
+    for e in entries:
+        found, how = pgrep_group(e.get("pgid", e["pid"]))
+        checks.append(f"`{how}`: " + (", ".join(map(str, found)) + " STILL RUNNING" if found else
+                                      "no process" if how.startswith("pgrep -g") else how))
+    return (f"Servers started (pids {pids}): " + ("none is still running" if not left else
+            f"STILL RUNNING: {', '.join(str(e['pid']) for e in left)}") + ". " + "; ".join(checks) + ".")
