@@ -1,9 +1,13 @@
 """Files written atomically: every write goes to a temporary name in the same directory and is renamed
-into place, so a reader never sees half a file."""
+into place, so a reader never sees half a file. And the one reader of data/published.yaml."""
 import json
 import os
 import tempfile
 from pathlib import Path
+
+import yaml
+
+from llmbench.core import paths
 
 
 def atomic_write(path: Path, write) -> None:
@@ -28,3 +32,8 @@ def write_json(obj, path) -> None:
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def published() -> dict:
+    """data/published.yaml: published figures and the latency targets (MLPerf limits), each with its source."""
+    return yaml.safe_load(paths.PUBLISHED.read_text())

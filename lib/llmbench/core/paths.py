@@ -11,3 +11,4 @@ NOTEBOOKS = ROOT / "notebooks"
 PROMPTS = DATA / "prompts" / "zh.jsonl"
 DEVICES_SPEC = DATA / "devices.yaml"
 CLAIMS = DATA / "claims.yaml"
+PUBLISHED = DATA / "published.yaml"  # published figures and latency targets, with sources

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmbench.core import paths
+from llmbench.core.files import published
 
 SATURATION = 0.85      # departures slower than this share of arrivals: the queue grows
 MAX_ERROR_SHARE = 0.10  # more failed requests than this: stop the sweep (GuideLLM issue 105)
@@ -216,8 +216,7 @@ LIMIT_NAMES = ("MLPerf interactive", "MLPerf conversational")
 
 def limits() -> list[Limit]:
     """The MLPerf Server limits of data/published.yaml (its latency_targets keep their sources)."""
-    import yaml
-    targets = yaml.safe_load((paths.DATA / "published.yaml").read_text())["latency_targets"]
+    targets = published()["latency_targets"]
     return [Limit(t["name"], t["ttft_s"], t["tpot_s"]) for t in targets if t["name"] in LIMIT_NAMES]
 
 

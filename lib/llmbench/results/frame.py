@@ -6,10 +6,8 @@ numbers; none prints or plots.
 """
 import numpy as np
 import pandas as pd
-import yaml
 
-from llmbench.core import paths
-from llmbench.core.files import read_json
+from llmbench.core.files import published, read_json
 from llmbench.core.keys import CONFIG_KEYS, STUDIES
 from llmbench.core.stats import regroup
 from llmbench.measure.records import ok_runs, read_all
@@ -98,10 +96,6 @@ def weights_used(df: pd.DataFrame) -> str:
 def latency_rows(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Batch-1 TTFT or TPOT of unquantized models from the latency notebook."""
     return ok(df, study="latency", metric=metric, quant="none", batch=1)
-
-
-def published() -> dict:
-    return yaml.safe_load((paths.DATA / "published.yaml").read_text())
 
 
 def published_ratios() -> pd.DataFrame:
