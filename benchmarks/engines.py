@@ -17,16 +17,24 @@ on CPU; compiled: the C int8 kernel) and both are held to the read rate of the c
 (fbgemm's packed weights are not tensors one can read); the token comparison then shows how far two int8
 kernels agree, not an identity. Last line, exactly:
   engines: 1b eager MBU=<x> compiled MBU=<y> | 3b eager MBU=<x> compiled MBU=<y> | 3b/1b compiled TPOT ratio=<r>
+With --profile, after the timed repeats, --profile-steps compiled decode steps per model (warm: every shape
+was compiled by the greedy comparison) run under torch.profiler (CPU, and CUDA on cuda); measure/profile.py
+turns the events into a kernel table (calls, time, the bytes each kernel must read, GB/s) and the kernel
+sum against the step's wall time, written to <--out>/profile.csv and printed (top ten and the summary).
+The profiler's own overhead is inside the profiled wall time. On npu the profile is unsupported (printed).
 """
 import argparse
 import dataclasses
 import gc
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import llmbench  # noqa: F401  (before torch: its allocator's huge-page setting, see llmbench/__init__.py)
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from llmbench.measure import ceilings
 from llmbench import engines as engine
@@ -35,9 +43,13 @@ from llmbench.system.device import DTYPES, fastest_dtype, pick_device, torch_dev
 from llmbench.core.errors import UserError, check_choice
 from llmbench.model.quant.methods import METHODS
 from llmbench.core.errors import Unsupported
-from llmbench.experiments.pairs import Side, time_round, weight_reader  # the grid's 05_pairs times its rounds the same way
+from llmbench.experiments.pairs import UNTIMED_STEPS, Side, time_round, weight_reader  # the grid's 05_pairs times its rounds the same way
 from llmbench.core.stats import flatten, ratio_of_medians
 from llmbench.model.inputs import make_batch
+from llmbench.measure import profile as prof
+from llmbench.model.models import count_params
+from llmbench.core import paths
+from llmbench.system.device import timed
 
 MODELS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 ENGINES = ("eager", "compiled")
@@ -78,6 +90,54 @@ def load_model(name, dtype, quant, kind, context, steps, gen_tokens, device_rate
     return res
 
 
+def profiler_events(e, ids, steps: int) -> tuple[list[prof.Event], float]:
+    """(events of `steps` decode steps, mean wall seconds of one) under torch.profiler, after a prefill and
+    UNTIMED_STEPS steps outside it (as a timed round). cuda: the GPU's kernels with their device time
+    (a CUDA graph replay hides the ops and their shapes); cpu: every op with its self CPU time, its input
+    shapes and its caller."""
+    if e.kind not in ("cpu", "cuda"):
+        raise Unsupported(f"profile on {e.kind}: only torch.profiler's CPU and CUDA activities are read here "
+                          "(torch_npu.profiler writes its own trace files)")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if e.kind == "cuda" else [])
+    state, tok = engine.prefill(e, ids)
+    for _ in range(UNTIMED_STEPS):
+        state, tok = engine.decode(e, state, tok)
+    walls = []
+    with profile(activities=acts, record_shapes=e.kind == "cpu") as p:
+        for _ in range(steps):
+            (state, tok), t = timed(lambda: engine.decode(e, state, tok), e.kind)
+            walls.append(t)
+    engine.release(e, state)
+    evs = [x for x in p.events() if not x.is_async]
+    if e.kind == "cuda":
+        kernels = [prof.Event(x.name, 1, x.time_range.elapsed_us() / 1e6) for x in evs
+                   if x.device_type == torch.autograd.DeviceType.CUDA]
+        if not kernels:
+            raise Unsupported("profile on cuda: torch.profiler recorded no GPU kernel of the decode step")
+        return kernels, float(np.mean(walls))
+    cpu = [x for x in evs if x.device_type == torch.autograd.DeviceType.CPU]
+    index = {id(x): i for i, x in enumerate(cpu)}
+    return [prof.Event(x.name, 1, x.self_cpu_time_total / 1e6, tuple(tuple(s) for s in x.input_shapes),
+                       index.get(id(x.cpu_parent))) for x in cpu], float(np.mean(walls))
+
+
+def profile_model(e, ids, steps: int = 3) -> tuple[list[prof.Row], prof.Summary]:
+    """The kernel table and summary of one engine's decode step (ids [1, context] already on the device)."""
+    events, wall = profiler_events(e, ids, steps)
+    ctx = ids.shape[1] + UNTIMED_STEPS + steps // 2  # tokens the middle profiled step attends to
+    rows = prof.kernel_rows(events, e.cfg, e.read_bytes / count_params(e.cfg)["total"], e.dtype, ctx, steps)
+    return rows, prof.summarize(rows, wall, cm.decode_bytes(e.cfg, e.read_bytes, 1, ctx, e.dtype))
+
+
+def write_profile(tables: dict, out: Path) -> Path:
+    """{model: (rows, summary)} -> out/profile.csv, one row per kernel and the summary rows per model."""
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([{"model": m, **r} for m, (rows, s) in tables.items() for r in prof.table(rows, s)],
+                         columns=["model", *prof.COLUMNS])
+    frame.to_csv(out / "profile.csv", index=False)
+    return out / "profile.csv"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
@@ -89,9 +149,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared between engines")
     ap.add_argument("--models", nargs="+", default=list(MODELS), help="1b and/or 3b")
+    ap.add_argument("--profile", action="store_true", help="also profile the compiled decode step (profile.csv)")
+    ap.add_argument("--profile-steps", type=int, default=3, help="decode steps under the profiler, per model")
+    ap.add_argument("--out", default="", help="folder of profile.csv (default data/runs/benchmarks/"
+                    "engines-profile-<device>-<UTC time>)")
     args = ap.parse_args()
     for m in args.models:
         check_choice("model", m, list(MODELS))
+    if args.profile_steps < 1:
+        raise UserError(f"--profile-steps={args.profile_steps}: give a whole number of at least 1")
     kind = pick_device(args.device)
     check_choice("quant", args.quant, list(METHODS))
     auto = "fp32" if kind == "cpu" and args.quant != "none" else fastest_dtype(kind)
@@ -106,7 +172,9 @@ def main():
     if len(groups) > 1:
         print("quantized: each engine holds its own copy of each model, so the models run one after the other "
               "(both do not fit in memory together); the 3B/1B ratio compares separate minutes", flush=True)
-    res, order = {}, []
+    res, order, tables = {}, [], {}
+    out = Path(args.out) if args.out else paths.RUNS / "benchmarks" / time.strftime(
+        f"engines-profile-{kind}-%Y%m%d-%H%M%S", time.gmtime())
     for group in groups:
         loaded = {short: load_model(MODELS[short], dtype, args.quant, kind, args.context, args.steps,
                                     args.gen_tokens, device_rate)
@@ -118,6 +186,18 @@ def main():
         for short, eng in group_order:  # the timings only: the Side holds the weights
             side, r = loaded[short][eng]
             res[(short, eng)] = {**r, "blocks": side.blocks, "rates": side.rates, "recompiles": side.recompiles}
+        for short in group if args.profile else []:
+            if "compiled" not in loaded[short]:
+                print(f"{short} profile: unsupported: no compiled engine", flush=True)
+                continue
+            side = loaded[short]["compiled"][0]
+            try:
+                tables[short] = profile_model(side.e, side.ids, args.profile_steps)
+            except Unsupported as why:
+                print(f"{short} profile: unsupported: {why}", flush=True)
+                continue
+            print(f"{short} compiled decode step, profiled over {args.profile_steps} steps (per step):\n"
+                  + prof.text(*tables[short]), flush=True)
         order += group_order
         del loaded
         if len(groups) > 1:
@@ -152,6 +232,8 @@ def main():
         ratio = f"{r:.2f}"
         print(f"3b/1b compiled TPOT ratio {r:.2f} (95% CI {lo:.2f}-{hi:.2f}); weight-bytes ratio "
               f"{res[('3b', 'compiled')]['bytes'] / res[('1b', 'compiled')]['bytes']:.2f} (bytes per step)")
+    if tables:
+        print(f"profile: {write_profile(tables, out)}", flush=True)
     print(f"engines: 1b eager MBU={mbu('1b', 'eager')} compiled MBU={mbu('1b', 'compiled')} | "
           f"3b eager MBU={mbu('3b', 'eager')} compiled MBU={mbu('3b', 'compiled')} | 3b/1b compiled TPOT ratio={ratio}")
 
