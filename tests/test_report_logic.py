@@ -127,10 +127,29 @@ def test_engine_section_computes_overhead_and_ratios():
     assert set(t.engine) == {"eager", "compiled"} and "compile time" in t
 
 
-def test_eager_decode_on_an_accelerator_with_low_mbu_is_called_launch_bound():
-    d = frame([{**tpot(S), "device": "npu", "mbu": 0.05}])
-    assert "launch-bound" in E.engine_table(d).note.iat[0]
-    assert "note" not in E.engine_table(frame([tpot(S)]))  # the cpu record is not judged
+@pytest.mark.parametrize("device,engine", [("npu", "eager"), ("cuda", "compiled"), ("cpu", "eager")])
+def test_decode_below_the_dispatch_threshold_is_called_dispatch_bound_in_every_table(device, engine):
+    # one threshold and one label for the engine table, the ratio tables, the text and the claims
+    low, high = A.DISPATCH_MBU * 0.95, A.DISPATCH_MBU * 1.05
+    d = frame([{**tpot(S, engine), "device": device, "mbu": low}])
+    assert E.engine_table(d).note.iat[0] == (f"dispatch-bound: decode reaches {low:.0%} of bandwidth (below 15%); host "
+                                             "dispatch dominates, so this engine's 3B/1B ratios are left out of the "
+                                             "verdicts about the models")
+    assert "note" not in E.engine_table(frame([{**tpot(S, engine), "device": device, "mbu": high}]))
+    pair = frame([{**tpot(S, engine), "device": device, "mbu": low}, {**tpot(L, engine), "device": device, "mbu": high}])
+    t = ratios.ratio_table(pair)
+    assert list(t.dispatch) == [f"dispatch-bound (decode MBU {S} {low:.0%}, {L} {high:.0%}; below 15%)"]
+    assert E.ratio_by_engine(pair).dispatch.iat[0] == t.dispatch.iat[0]
+    assert f"[{t.dispatch.iat[0]}: its 3B/1B ratio measures the host's" in R.latency_text(pair)
+    fine = frame([{**tpot(S, engine), "device": device, "mbu": high}, {**tpot(L, engine), "device": device, "mbu": high}])
+    assert list(ratios.ratio_table(fine).dispatch) == [""] and "dispatch-bound" not in R.latency_text(fine)
+
+
+def test_a_ttft_ratio_is_never_called_dispatch_bound():
+    d = study()  # prefill is compute-bound: a low prefill MBU is no sign of dispatch
+    d.loc[d.metric == "ttft", "mbu"] = A.DISPATCH_MBU / 10
+    tt = ratios.ratio_table(d)
+    assert len(tt[tt.metric == "TTFT"]) and (tt[tt.metric == "TTFT"].dispatch == "").all()
 
 
 # --- the TPOT fit -----------------------------------------------------------------------------------

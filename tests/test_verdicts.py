@@ -1,6 +1,9 @@
 """Claim verdicts follow from their numbers: a ratio's CI must lie inside (or wholly outside) the claimed
 range, no verdict rests on a flagged record, and a dispatch-bound engine's 3B/1B ratio is not judged.
 Planted record frames, as in test_report_logic.py; each test takes well under a second."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -175,13 +178,20 @@ def test_a_dispatch_bound_engine_is_excluded_from_the_ratio_verdict():
                step(S, 0.0019, 0.31, engine="compiled"), step(L, 0.0037, 0.40, engine="compiled")])
     by = verdicts(d)
     assert by["eager"]["verdict"] == (f"not judged: eager (bf16) is dispatch-bound (decode MBU {S} 4%, {L} 8%; below "
-                                      f"{C.DISPATCH_MBU:.0%}): its 3B/1B ratio measures the host's per-step dispatch, "
+                                      f"{A.DISPATCH_MBU:.0%}): its 3B/1B ratio measures the host's per-step dispatch, "
                                       "not the models")
     assert by["compiled"]["verdict"] == "contradicted"  # 1.95x, CI below 2
     assert "dispatch-bound" in next(c["rule"] for c in claims.load_claims() if c["id"] == "latency_ratio")
 
 
-@pytest.mark.parametrize("mbu,judged", [(C.DISPATCH_MBU * 1.05, True), (C.DISPATCH_MBU * 0.95, False)])
+def test_the_dispatch_threshold_is_defined_once_at_the_issues_15_percent():
+    lib = Path(A.__file__).parents[1]
+    defs = [p.relative_to(lib).as_posix() for p in lib.rglob("*.py")
+            if re.search(r"^\s*(DISPATCH_MBU|LAUNCH_MBU)\s*=", p.read_text(), re.M)]
+    assert defs == ["results/anomalies.py"] and A.DISPATCH_MBU == 0.15 and A.DISPATCH_LABEL == "dispatch-bound"
+
+
+@pytest.mark.parametrize("mbu,judged", [(A.DISPATCH_MBU * 1.05, True), (A.DISPATCH_MBU * 0.95, False)])
 def test_the_dispatch_threshold_is_the_named_constant(mbu, judged):
     d = frame([step(S, 0.050, mbu), step(L, 0.120, 0.6)])
     v = verdicts(d)["eager"]["verdict"]

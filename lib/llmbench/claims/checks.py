@@ -11,7 +11,8 @@ shown in the report's table. CHECKS maps a claim's `check` name to a function be
   the range): supported needs the CI inside the range, contradicted needs it wholly outside;
 - not judged: <why>: the value would rest on a record the anomaly checks flag (faster than its lower
   bound, MBU above 100%, a ratio below 1) and no unflagged record answers the claim, or the engine is
-  dispatch-bound (decode MBU below DISPATCH_MBU), so its 3B/1B ratio measures the host, not the models.
+  dispatch-bound (decode MBU below results/anomalies.DISPATCH_MBU), so its 3B/1B ratio measures the host,
+  not the models.
 `basis` says where the value came from: measured (these runs), derived (cost model on the exact
 configs), bound (cost model on a published spec), or published.
 """
@@ -34,10 +35,6 @@ BOUND = "contradicted by a physical bound"
 UNTESTABLE = "not testable"
 INCONCLUSIVE = "inconclusive"
 NOT_JUDGED = "not judged"
-# Decode MBU below this: the step time is the host's per-step dispatch, not the model's bytes (an H200 ran
-# eager decode at 4% and 8% for 1B and 3B, measured on one H200), so that engine's 3B/1B ratio says nothing of
-# the models. The verdict states it; data/claims.yaml's rules refer to it without repeating the number.
-DISPATCH_MBU = 0.15
 MODELS = ("llama-3.2-1b", "llama-3.2-3b")
 SIXTEEN = ("bf16", "fp16")
 
@@ -119,12 +116,9 @@ def _excluded(labels: list[str], shown=2) -> str:
 
 
 def _dispatch_bound(mbus: dict) -> str:
-    """'' unless a side's decode MBU is below DISPATCH_MBU: then why the ratio measures the host."""
-    low = {m: v for m, v in mbus.items() if v is not None and np.isfinite(v)}
-    if not low or min(low.values()) >= DISPATCH_MBU:
-        return ""
-    return ("dispatch-bound (decode MBU " + ", ".join(f"{m} {v:.0%}" for m, v in low.items())
-            + f"; below {DISPATCH_MBU:.0%}): its 3B/1B ratio measures the host's per-step dispatch, not the models")
+    """'' unless a side's decode MBU is below A.DISPATCH_MBU: then the label and why the ratio measures the host."""
+    label = A.dispatch_bound(mbus)
+    return f"{label}: {A.DISPATCH_WHY}" if label else ""
 
 
 def _keyed(t: pd.DataFrame, keys) -> pd.Series:
@@ -300,7 +294,7 @@ def throughput_range(claim, ctx):
 
 def throughput_ratio(claim, ctx):
     """1B/3B decode tokens/s per engine and dtype at the largest batch both models ran with unflagged records,
-    judged by its CI; a dispatch-bound step there (decode MBU below DISPATCH_MBU) is not judged."""
+    judged by its CI; a dispatch-bound step there (decode MBU below A.DISPATCH_MBU) is not judged."""
     a = frame.ok(_all(ctx), study="batch_sweep", quant="none")
     metric = "decode_tokens_per_s" if (a.metric == "decode_tokens_per_s").any() else "tokens_per_s"
     a = a[a.metric == metric]

@@ -17,7 +17,7 @@ from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_mbu, fmt_time
 from llmbench.results.frame import (LONG_PROMPT, REQUEST, config_keys, device_kind, latency_rows, ok, pair,
                                     published_ratios, repeats, trend, weights_used)
 from llmbench.results.ratios import CROSS_POINT, ratio_table, weight_ratio
-from llmbench.results.anomalies import record_flags
+from llmbench.results.anomalies import DISPATCH_WHY, record_flags
 from llmbench.system.canary import PREFIX as CANARY_PREFIX
 
 
@@ -102,6 +102,12 @@ def device_fields(runs) -> str:
 # --- latency ------------------------------------------------------------------------------------------
 
 
+def _dispatch_note(r) -> str:
+    """' [dispatch-bound (...): ...; not judged]' for a ratio row (ratio_table) whose side is dispatch-bound."""
+    d = r.get("dispatch")
+    return f" [{d}: {DISPATCH_WHY}; the claims do not judge the models by it]" if isinstance(d, str) and d else ""
+
+
 def latency_text(df) -> str:
     p, t = pair(df), ratio_table(df)
     if not p or t.empty:
@@ -114,8 +120,8 @@ def latency_text(df) -> str:
             lines.append(f"Per-token decode latency (TPOT) of {p[1]}{on}, {dtype}, is "
                          f"{fmt_ci(*g.iloc[0][['ratio', 'ci_low', 'ci_high']])} times that of {p[0]} at a context of "
                          f"{int(g.iloc[0]['tokens'])} tokens ({g.iloc[0].get('source') or CROSS_POINT})"
-                         + (f", and {fmt_ci(*g.iloc[-1][['ratio', 'ci_low', 'ci_high']])} at {int(g.iloc[-1]['tokens'])}."
-                            if len(g) > 1 else "."))
+                         + (f", and {fmt_ci(*g.iloc[-1][['ratio', 'ci_low', 'ci_high']])} at {int(g.iloc[-1]['tokens'])}"
+                            if len(g) > 1 else "") + _dispatch_note(g.iloc[0]) + ".")
         for dtype, g in tt.groupby("dtype"):
             if len(g) < 2:
                 continue
@@ -488,7 +494,7 @@ def summary_text(df, runs, checks, anomalies=None) -> str:
             r = g.loc[g.tokens.idxmin()]
             out.append(f"- {p[1]}/{p[0]} decode latency ratio ({' '.join(k)}): {fmt_ci(r.ratio, r.ci_low, r.ci_high)} "
                        f"(weight bytes: {weight_ratio(*p):.2f}; {r.get('source') or CROSS_POINT})"
-                       + (" [rests on a flagged record: see *Anomalies*]." if r.get("flag") else "."))
+                       + _dispatch_note(r) + (" [rests on a flagged record: see *Anomalies*]." if r.get("flag") else "."))
     for k, v in largest_batch(df).items():
         name = " ".join(map(str, k))
         out.append(f"- {name}: " + (f"largest batch that fits {v['largest_ok']} (batch {v['first_oom']} does not"

@@ -11,6 +11,13 @@ from llmbench.core.keys import CONFIG_KEYS
 
 CI_SHARE = 0.5       # a 95% CI wider than half its median: the median is not a stable number
 BOUND_SLACK = 0.98   # a median below 98% of its lower bound: faster than the cost model allows
+# Decode MBU below this: the step time is the host's per-step dispatch, not the model's bytes (an H200 ran
+# eager decode at 4% and 8% for 1B and 3B, measured on one H200), so a 3B/1B ratio of such steps says nothing
+# of the models. The one threshold and label (DISPATCH_LABEL) of the report's engine table, its ratio tables
+# (column `dispatch`) and the claims' verdicts (not judged); data/claims.yaml's rules name the label only.
+DISPATCH_MBU = 0.15
+DISPATCH_LABEL = "dispatch-bound"
+DISPATCH_WHY = "its 3B/1B ratio measures the host's per-step dispatch, not the models"
 
 
 def keys_in(df: pd.DataFrame, keys) -> list[str]:
@@ -44,6 +51,15 @@ def _disturbance(r) -> str:
     if isinstance(a, (int, float, np.integer)) and np.isfinite(a) and a > 1:
         out.append(f"{int(a)} attempts")
     return "; ".join(out)
+
+
+def dispatch_bound(mbus: dict) -> str:
+    """'' unless a side's decode MBU ({side: MBU}) is below DISPATCH_MBU: then the label with every side's MBU."""
+    low = {m: v for m, v in mbus.items() if v is not None and np.isfinite(v)}
+    if not low or min(low.values()) >= DISPATCH_MBU:
+        return ""
+    return (f"{DISPATCH_LABEL} (decode MBU " + ", ".join(f"{m} {v:.0%}" for m, v in low.items())
+            + f"; below {DISPATCH_MBU:.0%})")
 
 
 def _row(check, r, detail) -> dict:

@@ -9,7 +9,7 @@ import pandas as pd
 from llmbench.core.stats import median_ci, ratio_of_medians
 from llmbench.model import costmodel as cm
 from llmbench.model.models import load_config
-from llmbench.results.anomalies import flagged_labels, record_flags
+from llmbench.results.anomalies import dispatch_bound, flagged_labels, record_flags
 from llmbench.results.fmt import fmt_time
 from llmbench.results.frame import config_keys, latency_rows, ok, pair, pooled, repeats
 
@@ -46,6 +46,7 @@ def paired_ratios(df: pd.DataFrame) -> pd.DataFrame:
                      "ratio": float(np.median(pooled(g))), "ci_low": lo, "ci_high": hi, "work ratio": work,
                      **{f"{m} MBU": x.mbu.median() for m, x in zip(p, (s, l))},
                      "flag": "; ".join(flagged_labels(sd, flags)),
+                     "dispatch": dispatch_bound({m: x.mbu.median() for m, x in zip(p, (s, l))}),
                      "source": f"paired ({', '.join(sorted(set(g.pairing.dropna())))}): {len(rounds)} rounds in one process"})
     return pd.DataFrame(rows)
 
@@ -55,7 +56,9 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
     configuration (every config key but the model): no configuration is dropped. `work ratio` is the
     larger of the FLOPs and bytes ratios of the two records: with a fixed per-step cost on top of a
     roofline time, the time ratio lies between 1 and it. Each side's median MBU and the anomaly flags of
-    the records behind a ratio (`flag`, '' for none) come with it, so no ratio is shown without them.
+    the records behind a ratio (`flag`, '' for none) come with it, so no ratio is shown without them;
+    `dispatch` labels a TPOT ratio one of whose sides decodes below anomalies.DISPATCH_MBU ('' otherwise): it
+    measures the host's dispatch, and the claims do not judge the models by it.
     A TPOT ratio comes from the pair records where a configuration has them (paired_ratios; its
     cross-point rows are then left out), else from two latency records (`source`: CROSS_POINT)."""
     p = pair(df)
@@ -77,11 +80,14 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
                 r, lo, hi = ratio_of_medians(repeats(s), repeats(l))
                 work = max(l.flops.mean() / s.flops.mean(), l.bytes.mean() / s.bytes.mean()) \
                     if s.flops.notna().all() and l.flops.notna().all() else float("nan")
+                mbus = {m: x.mbu.median() if "mbu" in x else float("nan") for m, x in zip(p, (s, l))}
                 rows.append({"metric": metric.upper(), **dict(zip(keys, k[:-1])), "tokens": int(k[-1]),
                              p[0]: fmt_time(np.median(pooled(s))), p[1]: fmt_time(np.median(pooled(l))),
                              "ratio": r, "ci_low": lo, "ci_high": hi, "work ratio": work,
-                             **{f"{m} MBU": x.mbu.median() if "mbu" in x else float("nan") for m, x in zip(p, (s, l))},
-                             "flag": "; ".join(flagged_labels(g, flags)), "source": CROSS_POINT})
+                             **{f"{m} MBU": v for m, v in mbus.items()},
+                             "flag": "; ".join(flagged_labels(g, flags)),
+                             # decode only: prefill is compute-bound, its low MBU says nothing of dispatch
+                             "dispatch": dispatch_bound(mbus) if metric == "tpot" else "", "source": CROSS_POINT})
     return pd.concat([pd.DataFrame(rows), paired], ignore_index=True) if len(paired) else pd.DataFrame(rows)
 
 
