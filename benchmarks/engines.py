@@ -18,10 +18,11 @@ on CPU; compiled: the C int8 kernel) and both are held to the read rate of the c
 kernels agree, not an identity. Last line, exactly:
   engines: 1b eager MBU=<x> compiled MBU=<y> | 3b eager MBU=<x> compiled MBU=<y> | 3b/1b compiled TPOT ratio=<r>
 With --profile, after the timed repeats, --profile-steps compiled decode steps per model (warm: every shape
-was compiled by the greedy comparison) run under torch.profiler (CPU, and CUDA on cuda); measure/profile.py
-turns the events into a kernel table (calls, time, the bytes each kernel must read, GB/s) and the kernel
-sum against the step's wall time, written to <--out>/profile.csv and printed (top ten and the summary).
-The profiler's own overhead is inside the profiled wall time. On npu the profile is unsupported (printed).
+was compiled by the greedy comparison) run under torch.profiler (CPU, and CUDA on cuda; experiments/pairs.
+profile_side, which 05_pairs runs with profile=True); measure/profile.py turns the events into a kernel
+table (calls, time, the bytes each kernel must read, GB/s) and the kernel sum against the step's wall time,
+written to <--out>/profile.csv and printed (top ten and the summary). The profiler's own overhead is inside
+the profiled wall time. On npu the profile is unsupported (printed, and the reason is profile.csv's row).
 """
 import argparse
 import dataclasses
@@ -34,7 +35,6 @@ import numpy as np
 import pandas as pd
 import llmbench  # noqa: F401  (before torch: its allocator's huge-page setting, see llmbench/__init__.py)
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from llmbench.measure import ceilings
 from llmbench import engines as engine
@@ -43,13 +43,11 @@ from llmbench.system.device import DTYPES, fastest_dtype, pick_device, torch_dev
 from llmbench.core.errors import UserError, check_choice
 from llmbench.model.quant.methods import METHODS
 from llmbench.core.errors import Unsupported
-from llmbench.experiments.pairs import UNTIMED_STEPS, Side, time_round, weight_reader  # the grid's 05_pairs times its rounds the same way
+from llmbench.experiments.pairs import Side, profile_side, time_round, weight_reader  # the grid's 05_pairs times its rounds the same way
 from llmbench.core.stats import flatten, ratio_of_medians
 from llmbench.model.inputs import make_batch
 from llmbench.measure import profile as prof
-from llmbench.model.models import count_params
 from llmbench.core import paths
-from llmbench.system.device import timed
 
 MODELS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b"}
 ENGINES = ("eager", "compiled")
@@ -88,54 +86,6 @@ def load_model(name, dtype, quant, kind, context, steps, gen_tokens, device_rate
                     dict(tokens=tokens, compile_s=e.compile_s, load_s=e.load_s,
                          bytes=cm.decode_bytes(e.cfg, e.read_bytes, 1, context + 2 + steps // 2, dtype)))
     return res
-
-
-def profiler_events(e, ids, steps: int) -> tuple[list[prof.Event], float]:
-    """(events of `steps` decode steps, mean wall seconds of one) under torch.profiler, after a prefill and
-    UNTIMED_STEPS steps outside it (as a timed round). cuda: the GPU's kernels with their device time
-    (a CUDA graph replay hides the ops and their shapes); cpu: every op with its self CPU time, its input
-    shapes and its caller."""
-    if e.kind not in ("cpu", "cuda"):
-        raise Unsupported(f"profile on {e.kind}: only torch.profiler's CPU and CUDA activities are read here "
-                          "(torch_npu.profiler writes its own trace files)")
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if e.kind == "cuda" else [])
-    state, tok = engine.prefill(e, ids)
-    for _ in range(UNTIMED_STEPS):
-        state, tok = engine.decode(e, state, tok)
-    walls = []
-    with profile(activities=acts, record_shapes=e.kind == "cpu") as p:
-        for _ in range(steps):
-            (state, tok), t = timed(lambda: engine.decode(e, state, tok), e.kind)
-            walls.append(t)
-    engine.release(e, state)
-    evs = [x for x in p.events() if not x.is_async]
-    if e.kind == "cuda":
-        kernels = [prof.Event(x.name, 1, x.time_range.elapsed_us() / 1e6) for x in evs
-                   if x.device_type == torch.autograd.DeviceType.CUDA]
-        if not kernels:
-            raise Unsupported("profile on cuda: torch.profiler recorded no GPU kernel of the decode step")
-        return kernels, float(np.mean(walls))
-    cpu = [x for x in evs if x.device_type == torch.autograd.DeviceType.CPU]
-    index = {id(x): i for i, x in enumerate(cpu)}
-    return [prof.Event(x.name, 1, x.self_cpu_time_total / 1e6, tuple(tuple(s) for s in x.input_shapes),
-                       index.get(id(x.cpu_parent))) for x in cpu], float(np.mean(walls))
-
-
-def profile_model(e, ids, steps: int = 3) -> tuple[list[prof.Row], prof.Summary]:
-    """The kernel table and summary of one engine's decode step (ids [1, context] already on the device)."""
-    events, wall = profiler_events(e, ids, steps)
-    ctx = ids.shape[1] + UNTIMED_STEPS + steps // 2  # tokens the middle profiled step attends to
-    rows = prof.kernel_rows(events, e.cfg, e.read_bytes / count_params(e.cfg)["total"], e.dtype, ctx, steps)
-    return rows, prof.summarize(rows, wall, cm.decode_bytes(e.cfg, e.read_bytes, 1, ctx, e.dtype))
-
-
-def write_profile(tables: dict, out: Path) -> Path:
-    """{model: (rows, summary)} -> out/profile.csv, one row per kernel and the summary rows per model."""
-    out.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame([{"model": m, **r} for m, (rows, s) in tables.items() for r in prof.table(rows, s)],
-                         columns=["model", *prof.COLUMNS])
-    frame.to_csv(out / "profile.csv", index=False)
-    return out / "profile.csv"
 
 
 def main():
@@ -190,11 +140,11 @@ def main():
             if "compiled" not in loaded[short]:
                 print(f"{short} profile: unsupported: no compiled engine", flush=True)
                 continue
-            side = loaded[short]["compiled"][0]
             try:
-                tables[short] = profile_model(side.e, side.ids, args.profile_steps)
+                tables[short] = profile_side(loaded[short]["compiled"][0], args.profile_steps)
             except Unsupported as why:
-                print(f"{short} profile: unsupported: {why}", flush=True)
+                tables[short] = f"unsupported: {why}"
+                print(f"{short} profile: {tables[short]}", flush=True)
                 continue
             print(f"{short} compiled decode step, profiled over {args.profile_steps} steps (per step):\n"
                   + prof.text(*tables[short]), flush=True)
@@ -233,7 +183,9 @@ def main():
         print(f"3b/1b compiled TPOT ratio {r:.2f} (95% CI {lo:.2f}-{hi:.2f}); weight-bytes ratio "
               f"{res[('3b', 'compiled')]['bytes'] / res[('1b', 'compiled')]['bytes']:.2f} (bytes per step)")
     if tables:
-        print(f"profile: {write_profile(tables, out)}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        prof.frame(tables).to_csv(out / "profile.csv", index=False)
+        print(f"profile: {out / 'profile.csv'}", flush=True)
     print(f"engines: 1b eager MBU={mbu('1b', 'eager')} compiled MBU={mbu('1b', 'compiled')} | "
           f"3b eager MBU={mbu('3b', 'eager')} compiled MBU={mbu('3b', 'compiled')} | 3b/1b compiled TPOT ratio={ratio}")
 

@@ -21,7 +21,7 @@ def _sess(tmp_path, **params):
 
 def _plan(**kw):
     return PairPlan(**{"pair": "model", "versus": "tiny-3b", "decode_context": 8, "decode_steps": 3, "warmup": 1,
-                       "repeats": 4, "seed": 0, **kw})
+                       "repeats": 4, "seed": 0, "profile": False, **kw})
 
 
 def _order(monkeypatch):
@@ -52,6 +52,21 @@ def test_both_models_alternate_and_the_ratio_comes_from_the_rounds(tmp_path, mon
     assert ratio["ci_method"].startswith("t over 4 repeat medians") and ratio.ci_low < ratio["median"] < ratio.ci_high
     assert (ratio.model, ratio.versus, ratio.pair, ratio.status) == ("tiny-1b", "tiny-3b", "model", "ok")
     assert len(d) == 3
+
+
+def test_a_pair_run_with_profile_keeps_each_sides_kernel_table_in_its_folder(tmp_path, monkeypatch):
+    sess = _sess(tmp_path)
+    _order(monkeypatch)
+    pairs.run(sess, _plan(profile=True, repeats=2))
+    t = pd.read_csv(tmp_path / "run" / "profile.csv")
+    assert list(t.columns) == ["model", "kind", "name", "what", "calls", "time_s", "share_of_wall", "bytes", "gbps"]
+    assert set(t.model) == {"tiny-1b eager none", "tiny-3b eager none"}
+    for _, g in t.groupby("model"):
+        s = g[g.kind == "summary"].set_index("name").time_s
+        assert (g.kind == "kernel").sum() > 0 and 0 < s["kernel sum"] <= s["step wall"]
+    sess2 = _sess(tmp_path / "plain")
+    pairs.run(sess2, _plan(repeats=2))  # profile False: no file
+    assert not (tmp_path / "plain" / "run" / "profile.csv").exists()
 
 
 def test_sides_that_do_not_fit_together_run_one_after_the_other(tmp_path, monkeypatch):

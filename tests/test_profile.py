@@ -1,6 +1,8 @@
 """The decode-step profile: profiler events -> kernel rows with the bytes each must read (measure/profile.py),
-on hand-built events; and one real profiled step of the tiny compiled model on the CPU (benchmarks/engines.py)."""
+on hand-built events; and one real profiled step of the tiny compiled model on the CPU (experiments/pairs.profile_side,
+what benchmarks/engines.py --profile runs)."""
 import importlib.util
+import sys
 
 import pandas as pd
 import pytest
@@ -72,26 +74,23 @@ def test_summary_sets_kernel_time_against_the_wall_and_the_step_bytes():
     assert out.count("\n") == 3 and "gap 8500000.0 us" in out and "[attention KV]" in out
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_engines", paths.ROOT / "benchmarks" / "engines.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_a_profiled_compiled_step_on_the_cpu_writes_profile_csv(tmp_path):
+    # what benchmarks/engines.py --profile and 05_pairs (profile=True) run: experiments/pairs.profile_side
     from llmbench import engines as engine
+    from llmbench.experiments.pairs import Side, profile_side
     from llmbench.model.inputs import make_batch
     from llmbench.model.quant import cpu_gemv
-    bench = _bench()
     e = engine.load(engine.LoadRequest(engine="compiled", model="tiny-1b", weights="synthetic", dtype="fp32",
                                        quant="none", kind="cpu", max_batch=1, max_seq=40, tokens="random"))
     ids = make_batch(1, 8, e.cfg, 0)[0]
     engine.generate(e, ids, 8)  # warm: the decode graph is compiled before the profile
-    rows, s = bench.profile_model(e, ids, steps=2)
-    path = bench.write_profile({"tiny": (rows, s)}, tmp_path / "run")
+    rows, s = profile_side(Side(fields={}, e=e, ids=ids), steps=2)
+    path = tmp_path / "profile.csv"
+    prof.frame({"tiny": (rows, s), "npu side": "unsupported: profile on npu: ..."}).to_csv(path, index=False)
     t = pd.read_csv(path)
-    assert list(t.columns) == ["model", *prof.COLUMNS] and set(t.model) == {"tiny"}
+    assert list(t.columns) == ["model", *prof.COLUMNS] and set(t.model) == {"tiny", "npu side"}
+    assert t[t.model == "npu side"].kind.tolist() == ["unsupported"]
+    t = t[t.model == "tiny"]
     summ = t[t.kind == "summary"].set_index("name")
     assert list(summ.index) == ["kernel sum", "step wall", "gap"]
     assert 0 < summ.loc["kernel sum", "time_s"] <= summ.loc["step wall", "time_s"]
@@ -101,3 +100,28 @@ def test_a_profiled_compiled_step_on_the_cpu_writes_profile_csv(tmp_path):
     except Unsupported:
         return  # without the C kernel the linears are fused into inductor's code: no op to map
     assert (t.what == "lm_head 512x64").sum() == 1  # the C gemv's op takes the weight with its shape
+
+
+def test_profile_is_unsupported_where_the_profiler_is_not_read():
+    from llmbench.experiments.pairs import Side, profile_side
+    from types import SimpleNamespace
+    with pytest.raises(Unsupported, match="profile on npu: only torch.profiler's CPU and CUDA"):
+        profile_side(Side(fields={}, e=SimpleNamespace(name="compiled", kind="npu"), ids=None))
+    with pytest.raises(Unsupported, match="llama.cpp"):
+        profile_side(Side(fields={}, e=SimpleNamespace(name="llamacpp", kind="cpu"), ids=None))
+
+
+def test_the_benchmark_flag_writes_profile_csv_and_prints_the_table(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bench_engines", paths.ROOT / "benchmarks" / "engines.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "MODELS", {"1b": "tiny-1b", "3b": "tiny-3b"})  # the real models' size is the lead's
+    monkeypatch.setattr(bench, "read_bandwidth", lambda kind: 1e10)  # no 1 GiB probe in a test
+    monkeypatch.setattr(sys, "argv", ["engines.py", "--device", "cpu", "--dtype", "fp32", "--models", "1b", "--steps", "2",
+                                      "--repeats", "1", "--gen-tokens", "2", "--profile", "--out", str(tmp_path)])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "1b compiled decode step, profiled over 3 steps (per step):" in out and "kernel sum " in out
+    assert f"profile: {tmp_path / 'profile.csv'}" in out and out.strip().splitlines()[-1].startswith("engines: 1b eager")
+    t = pd.read_csv(tmp_path / "profile.csv")
+    assert set(t.model) == {"1b"} and list(t[t.kind == "summary"].name) == ["kernel sum", "step wall", "gap"]

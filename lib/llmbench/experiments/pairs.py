@@ -11,6 +11,8 @@ sides flips every round. One ratio per round (median step of B over median step 
 record's sample, and its CI comes from those rounds (core/stats: a t interval over fewer than 10
 rounds). Where the two sides do not fit in memory together (cost-model estimate against the free memory),
 they run one after the other in this process and the records say `pairing: sequential`.
+With `profile`, each side's decode step then runs under torch.profiler (after its timed rounds, so no
+sample carries the profiler) and the run folder keeps profile.csv (measure/profile.py's kernel table).
 The approach is benchmarks/engines.py's, which imports its timing from here.
 """
 import dataclasses
@@ -19,16 +21,18 @@ import time
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from llmbench import engines as engine
 from llmbench.core.errors import Unsupported, UserError
 from llmbench.experiments.params import PAIR_KINDS
 from llmbench.experiments.plans import PairPlan
 from llmbench.experiments.session import Session, add, add_compile_times, config_fields, load, row
+from llmbench.measure import profile as prof
 from llmbench.measure.timing import compiles_so_far
 from llmbench.model import costmodel as cm
 from llmbench.model.inputs import make_batch
-from llmbench.model.models import load_config, model_names
+from llmbench.model.models import count_params, load_config, model_names
 from llmbench.model.quant import cpu_gemv
 from llmbench.model.quant.methods import METHODS
 from llmbench.system import noise
@@ -36,6 +40,7 @@ from llmbench.system.device import DTYPE_BYTES, empty_cache, free_memory, timed,
 
 HEADROOM = 0.8        # both sides must fit in this share of the free memory to be loaded together
 UNTIMED_STEPS = 2     # decode steps after prefill before a round's timed steps (the cache settles)
+PROFILE_STEPS = 3     # decode steps under the profiler per side (plan.profile); the table is per step
 
 
 def versus_choices(pair: str) -> list[str]:
@@ -161,6 +166,49 @@ def round_ratios(a: Side, b: Side) -> list[float]:
     return [float(np.median(tb) / np.median(ta)) for ta, tb in zip(a.blocks, b.blocks)]
 
 
+def profiler_events(e, ids, steps: int) -> tuple[list[prof.Event], float]:
+    """(events of `steps` decode steps, mean wall seconds of one) under torch.profiler, after a prefill and
+    UNTIMED_STEPS steps outside it (as in a round; every shape was compiled before). cuda: the GPU's
+    kernels with their device time (a CUDA graph replay hides the ops and their shapes); cpu: every op
+    with its self CPU time, its input shapes and its caller."""
+    if e.kind not in ("cpu", "cuda"):
+        raise Unsupported(f"profile on {e.kind}: only torch.profiler's CPU and CUDA activities are read here "
+                          "(torch_npu.profiler writes its own trace files)")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if e.kind == "cuda" else [])
+    state, tok = engine.prefill(e, ids)
+    for _ in range(UNTIMED_STEPS):
+        state, tok = engine.decode(e, state, tok)
+    walls = []
+    with profile(activities=acts, record_shapes=e.kind == "cpu") as p:
+        for _ in range(steps):
+            (state, tok), t = timed(lambda: engine.decode(e, state, tok), e.kind)
+            walls.append(t)
+    engine.release(e, state)
+    evs = [x for x in p.events() if not x.is_async]
+    if e.kind == "cuda":
+        kernels = [prof.Event(x.name, 1, x.time_range.elapsed_us() / 1e6) for x in evs
+                   if x.device_type == torch.autograd.DeviceType.CUDA]
+        if not kernels:
+            raise Unsupported("profile on cuda: torch.profiler recorded no GPU kernel of the decode step")
+        return kernels, float(np.mean(walls))
+    cpu = [x for x in evs if x.device_type == torch.autograd.DeviceType.CPU]
+    index = {id(x): i for i, x in enumerate(cpu)}
+    return [prof.Event(x.name, 1, x.self_cpu_time_total / 1e6, tuple(tuple(s) for s in x.input_shapes),
+                       index.get(id(x.cpu_parent))) for x in cpu], float(np.mean(walls))
+
+
+def profile_side(s: Side, steps: int = 3) -> tuple[list[prof.Row], prof.Summary]:
+    """The kernel table and summary of one side's decode step (measure/profile.py), per step over `steps`.
+    Unsupported where the engine is not a torch module on cpu or cuda."""
+    e = s.e
+    if e.name == "llamacpp":
+        raise Unsupported("profile of llama.cpp: its kernels are not torch ops")
+    events, wall = profiler_events(e, s.ids, steps)
+    ctx = s.ids.shape[1] + UNTIMED_STEPS + steps // 2  # tokens the middle profiled step attends to
+    rows = prof.kernel_rows(events, e.cfg, e.read_bytes / count_params(e.cfg)["total"], e.dtype, ctx, steps)
+    return rows, prof.summarize(rows, wall, cm.decode_bytes(e.cfg, e.read_bytes, 1, ctx, e.dtype))
+
+
 def _load_side(sess: Session, fields: dict, plan: PairPlan, max_seq: int, shared=None):
     """The side's Engine (load recorded), or None where it cannot run here (recorded as unsupported).
     `shared`: a compiled Engine whose eager reference is this side (same tensors, no second load)."""
@@ -217,7 +265,7 @@ def run(sess: Session, plan: PairPlan) -> list[dict]:
     pairing = "alternating" if together else "sequential"
     common = dict(experiment="pair", pair=plan.pair, versus=plan.versus, pairing=pairing, batch=1,
                   prompt_len=plan.decode_context, context_len=plan.decode_context + UNTIMED_STEPS)
-    conds = []
+    conds, tables = [], {}
     if together:
         ea = _load_side(sess, fa, plan, n)
         eb = ea and _load_side(sess, fb, plan, n, shared=ea if shares_weights(fa, fb) else None)
@@ -229,6 +277,7 @@ def run(sess: Session, plan: PairPlan) -> list[dict]:
         conds.append(cond)
         for s in (a, b):
             add_compile_times(sess, s.e)
+            _profile(s, plan, tables)
         rows = [_side_row(sess, a, plan, common), _side_row(sess, b, plan, common)]
     else:  # one after the other: each side's rounds in its own window, the memory freed between them
         rows, done = [], []
@@ -241,6 +290,7 @@ def run(sess: Session, plan: PairPlan) -> list[dict]:
             conds.append(cond)
             add_compile_times(sess, e)
             rows.append(_side_row(sess, s, plan, common))
+            _profile(s, plan, tables)
             done.append(s)
             _drop(sess, s)
         a, b = done
@@ -260,7 +310,21 @@ def run(sess: Session, plan: PairPlan) -> list[dict]:
                          f"each; {how}; medians {rows[1]['median'] * 1e3:.4g} / {rows[0]['median'] * 1e3:.4g} ms, "
                          f"MBU against the read rate before each step {mbu(rows[1])} / {mbu(rows[0])}"))
     add(sess, rows)
+    if plan.profile:
+        prof.frame(tables).to_csv(sess.dir / "profile.csv", index=False)
     return sess.rows
+
+
+def _profile(s: Side, plan: PairPlan, tables: dict) -> None:
+    """With plan.profile, after the side's timed rounds: its decode step's kernel table (profile_side) into
+    tables under "<model> <engine> <quant>", or "unsupported: why"."""
+    if not plan.profile:
+        return
+    label = " ".join(str(s.fields[k]) for k in ("model", "engine", "quant"))
+    try:
+        tables[label] = profile_side(s, PROFILE_STEPS)
+    except Unsupported as why:
+        tables[label] = f"unsupported: {why}"
 
 
 def _fresh(*ss: Side) -> None:

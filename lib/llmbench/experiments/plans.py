@@ -59,6 +59,7 @@ class PairPlan(Repeats):
     versus: str = _help("side B's value of the paired axis; the ratio is B's TPOT over A's")
     decode_context: int = _help("tokens in the KV cache when a round's decode steps start")
     decode_steps: int = _help("decode steps of each side timed one by one in each round")
+    profile: bool = _help("each side's decode step under torch.profiler after the rounds: profile.csv")
 
 
 PLANS = {"01_latency": LatencyPlan, "02_batch_sweep": BatchPlan, "03_quantization": QuantPlan, "05_pairs": PairPlan}

@@ -1,7 +1,8 @@
 """Where one decode step's time goes: torch.profiler events -> a kernel table with the bytes each kernel
 must read (cost model) and the rate it achieved, and the sum of kernel time against the step's wall time.
 
-Pure functions over plain events; the profiler call itself is in benchmarks/engines.py (--profile).
+Pure functions over plain events; the profiler call itself is experiments/pairs.profile_side (run by
+benchmarks/engines.py --profile and by 05_pairs with profile=True).
 - time per event: device time of a kernel on cuda; self CPU time of an op on cpu (inductor's fused C++
   kernels have no op of their own there: their time is the self time of the compiled region around them);
 - bytes: an op maps to a weight where one of its inputs has that Linear's weight shape and its activation's
@@ -13,6 +14,8 @@ Pure functions over plain events; the profiler call itself is in benchmarks/engi
 - the gap = wall time - kernel time: launch, graph and host overhead (on cpu: Python between ops).
 """
 from dataclasses import dataclass
+
+import pandas as pd
 
 from llmbench.model.models import head_dim, kv_bytes_per_token
 
@@ -147,3 +150,15 @@ def text(rows: list[Row], s: Summary, top: int = 10) -> str:
                  f"rows map {s.mapped_bytes / s.step_bytes:.0%} of the step's {s.step_bytes / 1e6:.1f} MB; "
                  f"step at {s.step_bytes / s.wall_s / 1e9:.1f} GB/s")
     return "\n".join(lines)
+
+
+def frame(tables: dict) -> pd.DataFrame:
+    """profile.csv: {label (a model, a side): (rows, summary), or "unsupported: why"} -> one frame with a
+    `model` column; an unsupported profile is one row of kind "unsupported" whose `what` says why."""
+    out = []
+    for label, t in tables.items():
+        if isinstance(t, str):
+            out.append({"model": label, "kind": "unsupported", "what": t})
+        else:
+            out += [{"model": label, **r} for r in table(*t)]
+    return pd.DataFrame(out, columns=["model", *COLUMNS])
