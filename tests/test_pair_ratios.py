@@ -146,3 +146,14 @@ def test_a_flagged_quant_pair_side_makes_the_claim_not_judged():
     only_pair = _flag_side(_quant()[lambda d: d.study == "pairs"].reset_index(drop=True), quant="w8a8")
     out = check_all(only_pair, pd.DataFrame(), claims=[SPEEDUP])[0]
     assert out["verdict"].startswith(f"{checks.NOT_JUDGED}: ") and "faster than its lower bound" in out["verdict"]
+
+
+def test_a_speed_up_is_the_inverse_of_the_rounds_median_ratio():
+    """Two rounds (0.25 and 2.5: a noisy machine): the speed-up is 1 / 1.375, not the median of the inverses
+    (2.2); its CI is the ratio's CI inverted."""
+    df = pd.DataFrame(_pair("quant", {"engine": "eager"}, "w8a8", 0.27, 0.33, [0.25, 2.5]))
+    r = ratios.pair_ratios(df, "quant").iloc[0]
+    s = ratios.pair_ratios(df, "quant", invert=True).iloc[0]
+    assert r.ratio == pytest.approx(1.375) and s.ratio == pytest.approx(1 / 1.375)
+    assert s.ci_high == (pytest.approx(1 / r.ci_low) if r.ci_low > 0 else np.inf)
+    assert s.ci_low == pytest.approx(1 / r.ci_high)

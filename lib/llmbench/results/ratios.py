@@ -30,8 +30,8 @@ def pair_ratios(df: pd.DataFrame, kind: str, invert: bool = False) -> pd.DataFra
     """One row per pair configuration and context from the pair records of one kind (model | engine |
     quant; 05_pairs' tpot_ratio: one ratio, B's TPOT over A's, per round of both sides measured side by
     side); several runs of one configuration pool their rounds, and the CI comes from the rounds.
-    `invert`: A's TPOT over B's per round (a speed-up of B). Columns: side A's model, engine, dtype,
-    quant, device, weights, `versus` (B's value of the `kind` axis), `tokens` (context), `A TPOT` /
+    `invert`: the inverse ratio, A's TPOT over B's (a speed-up of B), with the CI's ends inverted.
+    Columns: side A's model, engine, dtype, quant, device, weights, `versus` (B's value of the `kind` axis), `tokens` (context), `A TPOT` /
     `B TPOT` (median seconds), ratio, ci_low, ci_high, `work ratio` (B/A, the larger of the FLOPs and
     bytes ratios), `A MBU` / `B MBU`, `flag` (the anomaly flags of the sides, '' for none), `source`.
     A configuration with a side missing from df (df holds only unflagged records) gets no row: its
@@ -49,8 +49,12 @@ def pair_ratios(df: pd.DataFrame, kind: str, invert: bool = False) -> pd.DataFra
     rows = []
     for k, g in r.groupby([*keys, "versus", "context_len"], dropna=False):
         cfg = dict(zip(keys, k[:-2]))
-        rounds = [1 / float(x) if invert else float(x) for x in pooled(g)]  # one ratio per round: the CI's unit
+        rounds = [float(x) for x in pooled(g)]  # one ratio per round: the CI's unit
         lo, hi = median_ci([[x] for x in rounds])
+        ratio = float(np.median(rounds))
+        if invert:  # inverted after the median: with an even count of rounds the median of the inverses differs
+            inv = lambda x: 1 / x if x > 0 else float("inf") if x <= 0 else float("nan")  # a t interval may reach 0
+            ratio, lo, hi = 1 / ratio, inv(hi), inv(lo)
         sd = sides[sides.run_id.isin(set(g.run_id))]
         a, b = sd[sd[kind] == cfg[kind]], sd[sd[kind] == k[-2]]
         if not (len(a) and len(b)):
@@ -60,7 +64,7 @@ def pair_ratios(df: pd.DataFrame, kind: str, invert: bool = False) -> pd.DataFra
         mbu = lambda x: x.mbu.median() if "mbu" in x else float("nan")
         rows.append({**cfg, "versus": k[-2], "tokens": int(k[-1]),
                      "A TPOT": float(np.median(pooled(a))), "B TPOT": float(np.median(pooled(b))),
-                     "ratio": float(np.median(rounds)), "ci_low": lo, "ci_high": hi, "work ratio": work,
+                     "ratio": ratio, "ci_low": lo, "ci_high": hi, "work ratio": work,
                      "A MBU": mbu(a), "B MBU": mbu(b), "flag": "; ".join(flagged_labels(sd, flags)),
                      "source": f"paired ({', '.join(sorted(set(g.pairing.dropna())))}): {len(rounds)} rounds in one process"})
     return pd.DataFrame(rows)
