@@ -17,7 +17,7 @@ def write(tmp_path, doc, name="g.yaml"):
 
 def test_shipped_grids_are_valid_and_expand():
     sizes = {g: len(load_grid(f"data/grids/{g}.yaml")["points"]) for g in ("smoke", "cpu", "cuda", "npu")}
-    assert sizes["smoke"] == 14 and sizes["cpu"] == 18 and sizes["cuda"] > sizes["smoke"]
+    assert sizes["smoke"] == 14 and sizes["cpu"] == 21 and sizes["cuda"] > sizes["smoke"]
     serving = [p for p in load_grid("data/grids/cpu.yaml")["points"] if p["notebook"] == "04_serving"]
     assert {p["params"]["model"] for p in serving} == {"llama-3.2-1b", "llama-3.2-3b"}  # 1B and 3B served
     engines = {p["params"].get("engine") for p in load_grid("data/grids/cpu.yaml")["points"]}

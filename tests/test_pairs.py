@@ -142,7 +142,23 @@ def test_the_smoke_grid_measures_the_pairs():
     assert got == [("engine", "tiny-3b", "compiled", "eager"), ("model", "tiny-1b", "compiled", "tiny-3b"),
                    ("model", "tiny-1b", "eager", "tiny-3b")]
     cpu = [p["params"] for p in load_grid("data/grids/cpu.yaml")["points"] if p["notebook"] == "05_pairs"]
-    assert sorted(p["engine"] for p in cpu) == ["compiled", "eager"] and {p["versus"] for p in cpu} == {"llama-3.2-3b"}
+    model = [p for p in cpu if p["pair"] == "model"]
+    assert sorted(p["engine"] for p in model) == ["compiled", "eager"] and {p["versus"] for p in model} == {"llama-3.2-3b"}
+
+
+@pytest.mark.parametrize("grid", ["cpu", "cuda", "npu", "npu_fp16"])
+def test_every_grid_pairs_the_models_the_engines_the_peer_and_a_quantization(grid):
+    """Issue 24: every grid includes the pairs the report's ratios come from (3B/1B, eager/compiled,
+    llama.cpp/ours, w8a8/none), at least on the 1B; the quant pair at a dtype its 03_quantization runs."""
+    pts = load_grid(f"data/grids/{grid}.yaml")["points"]
+    got = {(p["params"]["pair"], p["params"]["engine"], p["params"]["versus"]) for p in pts
+           if p["notebook"] == "05_pairs" and p["params"]["model"] == "llama-3.2-1b"}
+    assert {("model", "compiled", "llama-3.2-3b"), ("engine", "compiled", "eager"),
+            ("engine", "compiled", "llamacpp")} <= got
+    quant = [p["params"] for p in pts if p["notebook"] == "05_pairs" and p["params"]["pair"] == "quant"
+             and p["params"]["versus"] == "w8a8"]
+    qdtypes = {p["params"]["dtype"] for p in pts if p["notebook"] == "03_quantization"}
+    assert quant and {p["dtype"] for p in quant} <= qdtypes
 
 
 def test_a_flagged_pair_side_takes_its_ratio_out_of_the_verdict():

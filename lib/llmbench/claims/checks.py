@@ -378,8 +378,13 @@ def memory_ratio(claim, ctx):
 
 def _speedups(ctx, df=None):
     """Per model and int8/int4 method: TPOT speed-up against the 16-bit and the fp32 baselines, where both
-    exist (same model and engine, batch 1, smallest context)."""
-    d = frame.ok(ctx.df if df is None else df, metric="tpot", batch=1)
+    exist (same model and engine, batch 1, smallest context). Where a quant pair ran (05_pairs, quant none
+    versus the method at one dtype) its rounds give the speed-up against that dtype; otherwise the two
+    records of the quantization notebook, labelled by ratios.run_source. `<dtype> source` says which."""
+    src = ctx.df if df is None else df
+    paired = ratios.paired_speedups(src)
+    d = frame.ok(src, metric="tpot", batch=1)
+    d = d[d.experiment != "pair"] if "experiment" in d else d
     out = []
     for (model, engine), g in d.groupby(["model", "engine"]) if "engine" in d else d.groupby(["model", d.model]):
         base = {dt: g[(g.quant == "none") & (g.dtype == dt)] for dt in ("fp32", *SIXTEEN)}
@@ -390,7 +395,15 @@ def _speedups(ctx, df=None):
                 b = b[b.context_len == m.context_len.iat[0]]
                 if len(b):
                     row[bdt] = ratio_of_medians(frame.repeats(m), frame.repeats(b))
+                    row[f"{bdt} source"] = ratios.run_source(m, b)
             out.append(row)
+    for (model, engine, dt, q), (r, lo, hi, _, source) in paired.items():  # df's pairs have no flagged side
+        row = next((x for x in out if (x["model"], x["engine"], x["method"], x["dtype"]) == (model, engine, q, dt)),
+                   None)
+        if row is None:
+            row = {"model": model, "engine": engine, "method": q, "dtype": dt}
+            out.append(row)
+        row[dt], row[f"{dt} source"] = (r, lo, hi), source
     return out
 
 
@@ -405,11 +418,14 @@ def quant_speedup(claim, ctx):
         return {"value": "no quantized TPOT measured", "verdict": untestable("a quantized run"), "basis": "measured",
                 "why": ""}
     def txt(r):
-        parts = [f"{fmt.fmt_ci(*r[b])}x vs {b}" for b in ("bf16", "fp16", "fp32") if b in r]
+        parts = [f"{fmt.fmt_ci(*r[b])}x vs {b} ({r[b + ' source']})" for b in ("bf16", "fp16", "fp32") if b in r]
         return f"{r['model']} {r['method']} ({r['engine']}): " + ", ".join(parts)
     value = "; ".join(txt(r) for r in rows) + _excluded(flagged)
     sixteen = [r for r in rows if any(b in r for b in SIXTEEN)]
     if not sixteen:
+        if flagged and any(b in r for r in _speedups(ctx, _all(ctx)) for b in SIXTEEN):
+            return {"value": value + " [flagged: see verdict]", "verdict": not_judged(flagged[0]),
+                    "basis": "measured", "why": "no unflagged record gives a speed-up against 16-bit"}
         return {"value": value, "verdict": untestable("a 16-bit baseline on this device (the seed reasons from FP16; "
                                                        "only fp32 ran here, so the speed-ups above are against fp32)"),
                 "basis": "measured", "why": ""}

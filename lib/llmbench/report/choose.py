@@ -78,7 +78,7 @@ def choose(df, targets: list[dict]) -> pd.DataFrame:
             row = {"target": t["name"],
                    "limits": f"TTFT ≤ {fmt.fmt_time(t['ttft_s'])}, " if t.get("ttft_s") else "",
                    **{k: cfg[k] for k in ("model", "engine", "dtype", "quant") if k in cfg},
-                   f"TTFT": f"{fmt.fmt_time(r['ttft_s'])} ({r['prompt']} tok)" if r["prompt"] else "not measured",
+                   "TTFT": f"{fmt.fmt_time(r['ttft_s'])} ({r['prompt']} tok)" if r["prompt"] else "not measured",
                    "TPOT (batch 1)": fmt.fmt_time(r["tpot_s"]),
                    "meets": "yes" if meets_tpot and meets_ttft else "no"}
             row["limits"] += f"TPOT ≤ {fmt.fmt_time(t['tpot_s'])}"

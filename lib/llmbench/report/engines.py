@@ -9,8 +9,7 @@ import pandas as pd
 
 from llmbench.core.keys import STUDIES
 from llmbench.core.stats import ratio_of_medians
-from llmbench.results import anomalies as A
-from llmbench.results import fmt, frame, ratios
+from llmbench.results import anomalies, fmt, frame, ratios
 
 RECOMPILED = "compilation(s) during the timed calls"  # latency.recompile_status
 
@@ -28,7 +27,7 @@ def _sel(d, cfg: dict):
 
 def engine_table(df) -> pd.DataFrame:
     """Per model, dtype, quant and engine: batch-1 TPOT and its MBU, TTFT, decode tokens/s per batch,
-    compile time and recompilations; a `note` where the decode MBU is below A.DISPATCH_MBU (dispatch-bound)."""
+    compile time and recompilations; a `note` where the decode MBU is below anomalies.DISPATCH_MBU (dispatch-bound)."""
     keys = [k for k in ("model", "dtype", "quant", "engine", "device") if k in df]
     tp = frame.ok(df, metric="tpot", batch=1)
     if tp.empty:
@@ -56,8 +55,8 @@ def engine_table(df) -> pd.DataFrame:
         # a compilation inside timed calls makes the record an error (its samples timed a compiler): count them
         rc = _sel(df[df.status.fillna("").str.contains(RECOMPILED, regex=False)], cfg)
         row["records that compiled while timed"] = len(rc) if cfg.get("engine") != "eager" else ""
-        if fmt.is_finite(r.mbu) and r.mbu < A.DISPATCH_MBU:  # the claims' rule (claims/checks), one threshold
-            row["note"] = (f"{A.DISPATCH_LABEL}: decode reaches {r.mbu:.0%} of bandwidth (below {A.DISPATCH_MBU:.0%}); "
+        if fmt.is_finite(r.mbu) and r.mbu < anomalies.DISPATCH_MBU:  # the claims' rule (claims/checks), one threshold
+            row["note"] = (f"{anomalies.DISPATCH_LABEL}: decode reaches {r.mbu:.0%} of bandwidth (below {anomalies.DISPATCH_MBU:.0%}); "
                            f"host dispatch dominates, so this engine's 3B/1B ratios are left out of the verdicts "
                            f"about the models")
         rows.append(row)
@@ -82,18 +81,40 @@ def ratio_by_engine(df) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _not_paired(d):
+    """The batch-1 TPOT records of the other notebooks (a pair's sides are read through ratios.pair_ratios)."""
+    return d[d.experiment != "pair"] if "experiment" in d else d
+
+
+def _cross_flag(*sides) -> str:
+    """The anomaly flags of the records behind a cross-point ratio ('' for none)."""
+    d = pd.concat(sides).reset_index(drop=True)
+    return "; ".join(anomalies.flagged_labels(d, anomalies.record_flags(d)))
+
+
 def peer_ratio(df) -> pd.DataFrame:
     """llama.cpp's batch-1 TPOT over our best path's (the faster of eager and compiled) at the same device,
-    model, dtype, quantization and context, from the latency notebook (else the quantization notebook,
-    whose unquantized and int8 runs pair the engines at fp32 and int8): above 1, ours is faster. The CI
-    covers the records' own repeats, not drift between grid points run minutes apart, so the verdict says
-    "within these records" and names the benchmark that alternates the two sides."""
-    tp = frame.ok(df, metric="tpot", batch=1)
+    model, dtype and quantization: above 1, ours is faster. From the engine-pair records (05_pairs, engine
+    compiled or eager, versus llamacpp: one ratio per round of both sides measured side by side, CI from
+    the rounds) where they exist; otherwise from the latency notebook (else the quantization notebook,
+    whose unquantized and int8 runs pair the engines at fp32 and int8), measured in different processes
+    and labelled ratios.CROSS_POINT: its CI covers the records' own repeats, not drift between grid points
+    run minutes apart. `flag` names flagged records behind a ratio; a flagged ratio gets no verdict."""
+    pr = ratios.pair_ratios(df, "engine")
+    pr = pr[(pr.versus == "llamacpp") & pr.engine.isin(["compiled", "eager"])] if len(pr) else pr
+    keys = [k for k in ("device", "model", "dtype", "quant") if k in df]
+    rows, done = [], set()
+    for k, g in pr.groupby([k for k in keys if k in pr]) if len(pr) else []:
+        r = g.sort_values(["tokens", "A TPOT"]).iloc[0]  # smallest context, then our faster engine there
+        done.add(tuple(str(x) for x in k))
+        rows.append(_peer_row(dict(zip(keys, k)), int(r.tokens), r.engine, r["A TPOT"], r["B TPOT"],
+                              (r.ratio, r.ci_low, r.ci_high), r.flag, r.source))
+    tp = _not_paired(frame.ok(df, metric="tpot", batch=1))
     if "engine" not in tp or "llamacpp" not in set(tp.engine):
-        return pd.DataFrame()
-    rows = []
-    keys = [k for k in ("device", "model", "dtype", "quant") if k in tp]
+        return pd.DataFrame(rows)
     for k, g in tp.groupby(keys):
+        if tuple(str(x) for x in k) in done:
+            continue  # measured side by side: the pair record gives this comparison
         if "study" in g:  # one study per comparison: the latency study's, else the first other in STUDIES order
             order = list(STUDIES.values())
             g = g[g.study == min(g.study.dropna().unique(), key=order.index, default=None)]
@@ -104,33 +125,55 @@ def peer_ratio(df) -> pd.DataFrame:
         peer, ours = peer[peer.context_len == common[0]], ours[ours.context_len == common[0]]
         best = min(ours.engine.unique(), key=lambda e: np.median(frame.pooled(ours[ours.engine == e])))
         o = ours[ours.engine == best]
-        r, lo, hi = ratio_of_medians(frame.repeats(o), frame.repeats(peer))
-        verdict = ("ours faster within these records" if lo > 1 else "llama.cpp faster within these records"
-                   if hi < 1 else "no difference beyond the CI") + " (benchmarks/peer.py alternates the two sides)"
-        rows.append({**dict(zip(keys, k)), "context": int(common[0]),
-                     "our best path": f"{best}, {fmt.fmt_time(np.median(frame.pooled(o)))}",
-                     "llama.cpp": fmt.fmt_time(np.median(frame.pooled(peer))),
-                     "llama.cpp / ours": fmt.fmt_ci(r, lo, hi), "verdict": verdict})
+        rows.append(_peer_row(dict(zip(keys, k)), int(common[0]), best, np.median(frame.pooled(o)),
+                              np.median(frame.pooled(peer)), ratio_of_medians(frame.repeats(o), frame.repeats(peer)),
+                              _cross_flag(o, peer), ratios.CROSS_POINT))
     return pd.DataFrame(rows)
 
 
+def _peer_row(cfg: dict, context: int, best: str, ours_s: float, peer_s: float, ci, flag: str, source: str) -> dict:
+    r, lo, hi = ci
+    within = "within these rounds" if source != ratios.CROSS_POINT else "within these records"
+    verdict = (f"not judged: {flag}" if flag else
+               f"ours faster {within}" if lo > 1 else f"llama.cpp faster {within}" if hi < 1
+               else "no difference beyond the CI")
+    if source == ratios.CROSS_POINT and not flag:
+        verdict += " (benchmarks/peer.py and 05_pairs alternate the two sides)"
+    return {**cfg, "context": context, "our best path": f"{best}, {fmt.fmt_time(ours_s)}",
+            "llama.cpp": fmt.fmt_time(peer_s), "llama.cpp / ours": fmt.fmt_ci(r, lo, hi), "verdict": verdict,
+            "source": source}
+
+
 def overhead(df) -> pd.DataFrame:
-    """eager/compiled batch-1 TPOT per model and dtype (same context): the share of eager's time that is
-    overhead the compiled engine removes."""
-    tp = frame.ok(df, metric="tpot", batch=1, quant="none")
-    if "engine" not in tp or not {"eager", "compiled"} <= set(tp.engine):
-        return pd.DataFrame()
+    """eager/compiled batch-1 TPOT per model and dtype, unquantized (same context): the share of eager's
+    time that is overhead the compiled engine removes. From the engine-pair records (05_pairs, engine
+    compiled, versus eager: one ratio per round, CI from the rounds) where one exists for the model and
+    dtype, else from two records measured in different processes (`source`: ratios.CROSS_POINT).
+    `flag` names the flagged records behind a ratio ('' for none)."""
+    pr = ratios.pair_ratios(df, "engine")
+    if len(pr):
+        pr = pr[(pr.engine == "compiled") & (pr.versus == "eager") & (pr.quant == "none")]
     rows = []
+    for (model, dtype), g in pr.groupby(["model", "dtype"]) if len(pr) else []:
+        r = g.loc[g.tokens.idxmin()]
+        rows.append({"model": model, "dtype": dtype, "context": int(r.tokens), "eager TPOT": fmt.fmt_time(r["B TPOT"]),
+                     "compiled TPOT": fmt.fmt_time(r["A TPOT"]), "eager/compiled": r.ratio, "ci_low": r.ci_low,
+                     "ci_high": r.ci_high, "flag": r.flag, "source": r.source})
+    done = {(r["model"], r["dtype"]) for r in rows}
+    tp = _not_paired(frame.ok(df, metric="tpot", batch=1, quant="none"))
+    if "engine" not in tp or not {"eager", "compiled"} <= set(tp.engine):
+        return pd.DataFrame(rows)
     for (model, dtype), g in tp.groupby(["model", "dtype"]):
         e, c = g[g.engine == "eager"], g[g.engine == "compiled"]
         common = sorted(set(e.context_len) & set(c.context_len))
-        if not common:
+        if not common or (model, dtype) in done:
             continue
         e, c = e[e.context_len == common[0]], c[c.context_len == common[0]]
         r, lo, hi = ratio_of_medians(frame.repeats(c), frame.repeats(e))
         rows.append({"model": model, "dtype": dtype, "context": int(common[0]),
                      "eager TPOT": fmt.fmt_time(np.median(frame.pooled(e))), "compiled TPOT": fmt.fmt_time(np.median(frame.pooled(c))),
-                     "eager/compiled": r, "ci_low": lo, "ci_high": hi})
+                     "eager/compiled": r, "ci_low": lo, "ci_high": hi, "flag": _cross_flag(e, c),
+                     "source": ratios.CROSS_POINT})
     return pd.DataFrame(rows)
 
 
@@ -143,11 +186,13 @@ def overhead_text(df) -> str:
     parts = []
     for r in o.to_dict("records"):
         share = 1 - 1 / r["eager/compiled"]
-        what = (f"about {share:.0%} of eager's time per token is overhead the compiled engine removes"
+        what = (f"not judged: {r['flag']}" if r["flag"] else
+                f"about {share:.0%} of eager's time per token is overhead the compiled engine removes"
                 if r["ci_low"] > 1 else "the compiled engine is not faster beyond the CI" if r["ci_low"] <= 1 <= r["ci_high"]
                 else "the compiled engine is slower")
         parts.append(f"{r['model']} {r['dtype']}: eager TPOT is {fmt.fmt_ci(r['eager/compiled'], r['ci_low'], r['ci_high'])} "
-                     f"times compiled ({r['eager TPOT']} vs {r['compiled TPOT']} at context {r['context']}): {what}.")
+                     f"times compiled ({r['eager TPOT']} vs {r['compiled TPOT']} at context {r['context']}; "
+                     f"{r['source']}): {what}.")
     return " ".join(parts)
 
 

@@ -16,7 +16,7 @@ from llmbench.results.decode_fit import fits, implied_ratio
 from llmbench.results.fmt import fmt_ci, fmt_gb, fmt_mbu, fmt_time
 from llmbench.results.frame import (LONG_PROMPT, REQUEST, config_keys, device_kind, latency_rows, ok, pair,
                                     published_ratios, repeats, trend, weights_used)
-from llmbench.results.ratios import CROSS_POINT, ratio_table, weight_ratio
+from llmbench.results.ratios import CROSS_POINT, paired_speedups as speedups_from_pairs, ratio_table, run_source, weight_ratio
 from llmbench.results.anomalies import DISPATCH_WHY, record_flags
 from llmbench.system.canary import PREFIX as CANARY_PREFIX
 
@@ -304,6 +304,7 @@ def quant_table(df) -> pd.DataFrame:
     if d.empty:
         return d
     okd = d[d.status == "ok"]
+    paired = speedups_from_pairs(df)
     keys = config_keys(d, drop=("quant", "weights_source", "tokens"))
     rows = []
     for k, g in d.groupby([*keys, "quant"], sort=False, dropna=False):
@@ -327,11 +328,19 @@ def quant_table(df) -> pd.DataFrame:
                "decode MBU": fmt_mbu(tp["mbu"], tp.get("mbu_window")) if tp is not None else ""}
         base = okd[(okd.metric == "tpot") & (okd.quant == "none") & (okd.model == cfg["model"])
                    & ((okd.engine == cfg["engine"]) if "engine" in cfg else True)]
+        sources = []
         for bdt in ("bf16", "fp16", "fp32"):
             b = base[base.dtype == bdt]
-            if tp is not None and len(b) and cfg["quant"] != "none":
+            p = paired.get((cfg["model"], cfg.get("engine"), bdt, cfg["quant"])) if bdt == cfg["dtype"] else None
+            if p is not None:  # measured side by side (05_pairs): the rounds' ratio, not this notebook's
+                row[f"speed-up vs {bdt}"] = fmt_ci(*p[:3]) + " x" + (f" [flagged: {p[3]}]" if p[3] else "")
+                sources.append(f"vs {bdt}: {p[4]}")
+            elif tp is not None and len(b) and cfg["quant"] != "none":
                 m = g[(g.metric == "tpot") & (g.status == "ok")].iloc[:1]
                 row[f"speed-up vs {bdt}"] = fmt_ci(*ratio_of_medians(repeats(m), repeats(b))) + " x"
+                sources.append(f"vs {bdt}: {run_source(m, b)}")
+        if sources:
+            row["speed-up source"] = "; ".join(sources)
         row["tokens/s"] = f"{tok['median']:.3g} (batch {int(tok['batch'])}, {int(tok['new_tokens'])} new)" \
             if tok is not None else ""
         for metric, label, f in (("kl_mean", "mean KL (nats)", "{:.2e}"), ("top1_agreement", "top-1 agreement", "{:.3f}"),
@@ -349,7 +358,9 @@ def quant_text(df) -> str:
     if q.empty:
         return "No quantization records."
     text = ("Speed and fidelity come from the same run, on the same inputs; a speed-up is the unquantized median "
-            "TPOT over the method's (bootstrap 95% CI), against every baseline dtype that ran. *Stored* bytes are "
+            "TPOT over the method's (bootstrap 95% CI), against every baseline dtype that ran. Where a quant pair "
+            "ran (05_pairs: both loaded in one process, alternating rounds) the speed-up against its dtype is the "
+            "pair's, one ratio per round with the CI from the rounds; `speed-up source` says which each is. *Stored* bytes are "
             "what the weights occupy; *streamed* bytes what one decode step reads, which is what decode time "
             "follows: a method can store more than it streams (for instance when a tied embedding is kept for "
             "the lookup beside a quantized LM head). Decode MBU is the streamed bytes per second over the "
