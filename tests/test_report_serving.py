@@ -126,3 +126,8 @@ def test_what_to_choose_uses_goodput_where_serving_records_exist(tmp_path):
     assert CH.choose_text(df[df.experiment != "serving"], targets) == "No batch-1 latency records: nothing to choose from."
     # a target that is not a serving limit keeps today's logic even with serving records
     assert CH.goodput_choice(df, next(t for t in targets if t["name"].startswith("seed:"))).empty
+    # no request met the limit in any usable run (goodput 0): nothing is chosen, and the line says so
+    df.loc[df.metric == "goodput_mlperf_conversational", "median"] = 0.0
+    assert CH.goodput_choice(df, conv).empty
+    line = next(x for x in CH.choose_text(df, targets).splitlines() if "MLPerf conversational" in x)
+    assert "no served configuration had a request meet both limits" in line and "Highest" not in line

@@ -305,3 +305,19 @@ def test_serving_throughput_needs_the_claims_request_and_quantization(tmp_path):
     v = serving_verdict(serving_frame(tmp_path, {S: {1: (0.2, 0.02)}, L: {1: (0.3, 0.05)}}, device="cpu"),
                         "serving_throughput", kind="cpu")
     assert v["basis"] == "measured here, for context" and f"{S}: " in v["value"]
+
+
+def test_serving_throughput_judges_only_runs_of_a_known_quantization(tmp_path):
+    # an endpoint's "as served" (unknown precision) and an unquantized run are shown apart, never judged
+    d = serving_frame(tmp_path, {S: {1: (0.2, 0.02)}, L: {1: (0.3, 0.05)}}, quant="as served")
+    thr = d.metric == "request_throughput"
+    d.loc[thr & (d.model == S), "median"], d.loc[thr & (d.model == L), "median"] = 1500.0, 400.0
+    v = serving_verdict(d, "serving_throughput")
+    assert v["verdict"].startswith("not testable: needs quantized serving runs")
+    assert "unknown precision, not judged" in v["value"] and "quant as served" in v["value"]
+    q = serving_frame(tmp_path, {S: {1: (0.2, 0.02)}, L: {1: (0.3, 0.05)}})  # w8a8: judged, and what the value shows
+    q.loc[q.metric == "request_throughput", "median"] = 1.0
+    v = serving_verdict(pd.concat([q, d], ignore_index=True), "serving_throughput")
+    assert v["verdict"] == "contradicted"
+    judged = v["value"].split("(what is judged): ")[1].split("; not quantized")[0]
+    assert f"{S}: 1 req/s" in judged and "1.5e+03" not in judged

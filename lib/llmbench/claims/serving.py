@@ -10,8 +10,10 @@ import pandas as pd
 from llmbench.claims.checks import (MODELS, _all, _excluded, _flagged, _inside, _not_here, _verdict, ci_verdict,
                                     not_judged, untestable, INCONCLUSIVE, SUPPORTED)
 from llmbench.core.stats import ratio_of_medians
+from llmbench.model.quant.methods import METHODS
 from llmbench.results import fmt, frame
 
+QUANTIZED = [m for m in METHODS if m != "none"]
 # one serving run: a rate or a concurrency of one grid point (run_id) of one model on one server
 RUN_KEYS = ["run_id", "model", "engine", "dtype", "quant", "prompt_len", "new_tokens", "request_rate", "concurrency"]
 
@@ -79,15 +81,19 @@ def serving_throughput(claim, ctx):
     req = claim["request"]
     t = serving_runs(ctx.df)
     shape = t[(t.prompt_len == req["prompt"]) & (t.new_tokens == req["new"])] if len(t) else t
-    quantized = shape[shape.quant != "none"] if len(shape) else shape
+    # a quantization method the study names; an endpoint's "as served" is of unknown precision, so not counted
+    quantized = shape[shape.quant.isin(QUANTIZED)] if len(shape) else shape
+    unquantized = shape[~shape.index.isin(quantized.index)] if len(shape) else shape
     other = t[~t.index.isin(shape.index)] if len(t) else t
     parts = []
-    if len(shape):
-        parts.append(f"best achieved in serving runs of {req['prompt']}-token prompts and {req['new']} generated tokens: "
-                     + _best_text(_best(shape)))
+    if len(quantized):
+        parts.append(f"best achieved in quantized serving runs of {req['prompt']}-token prompts and {req['new']} "
+                     "generated tokens (what is judged): " + _best_text(_best(quantized)))
+    if len(unquantized):
+        parts.append("not quantized or of unknown precision, not judged: " + _best_text(_best(unquantized)))
     if len(other):
-        parts.append(f"with other request lengths ({', '.join(sorted({f'{int(p)}+{int(n)}' for p, n in zip(other.prompt_len, other.new_tokens)}))} "
-                     "tokens): " + _best_text(_best(other)))
+        lengths = sorted({f"{p:g}+{n:g}" for p, n in zip(other.prompt_len, other.new_tokens)})
+        parts.append(f"with other request lengths ({', '.join(lengths)} tokens), not judged: " + _best_text(_best(other)))
     claimed = "; ".join(f"claimed {m} {claim['range'][r][0]:g}-{claim['range'][r][1]:g} req/s at batch {claim['batch'][r]}"
                         for m, r in zip(MODELS, ("small", "large")))
     value = (("; ".join(parts) if parts else "no serving run (04_serving) measured") + f" ({claimed})"
@@ -125,7 +131,7 @@ def batching_gain(one: dict, many: dict) -> dict:
             # ratio_of_medians(a, b) = median(b) / median(a): E2E(1) over E2E(N)/N
             "gain": ratio_of_medians(np.asarray(many["e2e"]) / n, np.asarray(one["e2e"])),
             "tpot": ratio_of_medians(np.asarray(one["tpot"]), np.asarray(many["tpot"])) if len(one["tpot"]) and len(many["tpot"]) else None,
-            "ttft": ratio_of_medians(np.asarray(one["ttft"]), np.asarray(many["ttft"]))}
+            "ttft": ratio_of_medians(np.asarray(one["ttft"]), np.asarray(many["ttft"])) if len(one["ttft"]) and len(many["ttft"]) else None}
 
 
 def dynamic_batching(claim, ctx):
@@ -157,7 +163,8 @@ def dynamic_batching(claim, ctx):
                  f"throughput gain ({r['n']} x median E2E at 1 / median E2E at {r['n']}) {fmt.fmt_ci(*g_ci)}x; "
                  f"TPOT {_pcts(a.tpot)} vs {_pcts(b.tpot)}"
                  + (f" (p50 ratio {fmt.fmt_ci(*r['tpot'])}x)" if r["tpot"] else "")
-                 + f"; TTFT {_pcts(a.ttft)} vs {_pcts(b.ttft)} (p50 ratio {fmt.fmt_ci(*r['ttft'])}x)"
+                 + f"; TTFT {_pcts(a.ttft)} vs {_pcts(b.ttft)}"
+                 + (f" (p50 ratio {fmt.fmt_ci(*r['ttft'])}x)" if r["ttft"] else "")
                  + (f"; not counted: {'; '.join(left)}" if left else ""))
         if claim.get("device") == "npu" and ctx.kind != "npu":
             out.append({**_not_here(ctx, value), "engine": engine})

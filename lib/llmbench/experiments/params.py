@@ -109,7 +109,7 @@ def check_value(notebook: str, name: str, value) -> None:
         raise UserError(f"{notebook}: unknown parameter {name!r}; valid: {', '.join(decl)}")
     t = decl[name]["type"]
     if not _type_ok(value, t):
-        hint = f" (a list value is written as [[...]] in a grid, one list per candidate)" if t.startswith("list") else ""
+        hint = " (a list value is written as [[...]] in a grid, one list per candidate)" if t.startswith("list") else ""
         raise UserError(f"{notebook}: parameter {name}={value!r} has the wrong type; expected {t}{hint}")
     if name in RULES:
         RULES[name](name, value)

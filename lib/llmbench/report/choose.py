@@ -101,12 +101,12 @@ def choose(df, targets: list[dict]) -> pd.DataFrame:
 def goodput_choice(df, target: dict) -> pd.DataFrame:
     """Per served configuration (model, server, dtype, quant): its serving run with the highest goodput at
     this target (requests/s within both its TTFT and TPOT limit), among runs that were not saturated and
-    completed every request. Empty when the target is not a serving limit or no such run exists."""
+    completed every request, and where some request met it. Empty when the target is not a serving limit or no such run exists."""
     t = RS.runs(df)
     if t.empty or target["name"] not in {lim.name for lim in SM.limits()}:
         return pd.DataFrame()
     col = f"goodput_{SM.slug(target['name'])}"
-    t = t[~t.saturated & (t.completed_share == 1) & np.isfinite(t[col])]
+    t = t[~t.saturated & (t.completed_share == 1) & np.isfinite(t[col]) & (t[col] > 0)]  # 0: no request met it
     if t.empty:
         return t
     keys = [k for k in ("model", "engine", "dtype", "quant") if k in t]
@@ -117,9 +117,12 @@ def goodput_choice(df, target: dict) -> pd.DataFrame:
 def _goodput_line(df, target: dict) -> str | None:
     """The target's line from the serving runs, or None where there are none (today's logic then)."""
     b = goodput_choice(df, target)
-    if b.empty:
-        return None
     limits = ", ".join(f"{k} ≤ {fmt.fmt_time(target[f'{k.lower()}_s'])}" for k in ("TTFT", "TPOT") if target.get(f"{k.lower()}_s"))
+    if b.empty:
+        served = target["name"] in {lim.name for lim in SM.limits()} and not RS.runs(df).empty
+        return (f"- **{target['name']}** ({limits}), from the serving runs (04_serving): no served configuration had a "
+                "request meet both limits in a run that kept up with its load and completed every request."
+                if served else None)
 
     def who(r):
         return f"{r['model']} on {r['engine']} ({r['dtype']}, quant {r['quant']})"

@@ -6,6 +6,7 @@ of those sustainable rates. Every number is read from the records; nothing here 
 import numpy as np
 import pandas as pd
 
+from llmbench.claims.checks import load_claims
 from llmbench.measure import serving_metrics as SM
 from llmbench.report import figures as F
 from llmbench.results import fmt, frame
@@ -204,8 +205,11 @@ def _context(df: pd.DataFrame, t: pd.DataFrame) -> str:
     kind = frame.device_kind(df)
     best = t.groupby("model").achieved.max()
     measured = ", ".join(f"{m} {v:.3g} req/s" for m, v in best.items())
-    s = (f"The seed's requests/s claims (1B 1000-2000 at batch 32, 3B 300-600 at batch 16, quantized) are about an "
-         f"Ascend 910; " + ("these runs are on one, so *Claims check* judges them. " if kind == "npu" else
+    c = next(c for c in load_claims() if c["id"] == "serving_throughput")
+    claimed = ", ".join(f"{m} {c['range'][r][0]:g}-{c['range'][r][1]:g} at batch {c['batch'][r]}"
+                        for m, r in (("1B", "small"), ("3B", "large")))
+    s = (f"The seed's requests/s claims ({claimed}, quantized; data/claims.yaml) are about an "
+         "Ascend 910; " + ("these runs are on one, so *Claims check* judges them. " if kind == "npu" else
                             f"these runs are on {kind}: measured here, for context, the highest achieved rate was {measured}. "))
     closed = t[t.concurrency.notna()] if "concurrency" in t else t.iloc[0:0]
     dyn = []
