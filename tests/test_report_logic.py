@@ -344,3 +344,16 @@ def test_peer_ratio_takes_our_faster_engine_and_judges_by_the_ci():
     r = float(t["llama.cpp / ours"].iat[0].split()[0])
     assert r > 1
     assert E.peer_ratio(study(("eager", "compiled"))).empty  # no llama.cpp records: no table
+
+
+def test_the_anomaly_list_never_cuts_a_serious_anomaly():
+    import pandas as pd
+    from llmbench.results import anomalies as A
+    row = lambda check, i: {"check": check, "where": f"run {i}", "detail": "", "run_id": str(i)}
+    planted = [row("TTFT falls with prompt length", i) for i in range(50)]
+    wide = [row(A.WIDE_CI, i) for i in range(100)]
+    rows, line = A.listed(pd.DataFrame(wide[:30] + planted + wide[30:]))
+    assert (rows.check != A.WIDE_CI).sum() == 50 and (rows.check == A.WIDE_CI).sum() == 40
+    assert line.startswith("150 anomalies; 60 of the 100 wide confidence intervals are not listed")
+    assert A.listed(pd.DataFrame(planted))[1] == "50 anomalies."
+    assert A.listed(pd.DataFrame(columns=["check"]))[1] == "No anomaly found in these records."

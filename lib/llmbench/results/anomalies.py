@@ -168,7 +168,7 @@ def wide_ci(df) -> list[dict]:
         return []
     d = d[d.ci_low.notna() & d.ci_high.notna() & (d["median"].abs() > 0)]
     d = d[(d.ci_high - d.ci_low) / d["median"].abs() > CI_SHARE]
-    return [_row("wide confidence interval", r,
+    return [_row(WIDE_CI, r,
                  f"95% CI {r['ci_low']:.3g}–{r['ci_high']:.3g} is {(r['ci_high'] - r['ci_low']) / abs(r['median']):.0%} "
                  f"of the median {r['median']:.3g} (threshold {CI_SHARE:.0%})") for r in d.to_dict("records")]
 
@@ -201,6 +201,21 @@ def ratio_note(ratio, ci_low, ci_high, high, mbu_small, mbu_large) -> str:
     mbu = (f" (MBU {mbu_large:.2f} vs {mbu_small:.2f}, larger vs smaller)"
            if np.isfinite(mbu_small) and np.isfinite(mbu_large) else "")
     return f"above the bytes ratio {high:.2f}: the larger model reads at a lower rate{mbu}"
+
+
+WIDE_CI = "wide confidence interval"
+
+
+def listed(anomalies: pd.DataFrame, wide_shown: int = 40) -> tuple[pd.DataFrame, str]:
+    """(rows to list, the line above them): every anomaly but a wide CI, then the first `wide_shown` wide CIs
+    (the most common and least alarming kind: a busy machine makes hundreds); the line says how many were left out."""
+    if anomalies.empty:
+        return anomalies, "No anomaly found in these records."
+    wide = anomalies.check == WIDE_CI
+    left = max(0, int(wide.sum()) - wide_shown)
+    rows = pd.concat([anomalies[~wide], anomalies[wide].head(wide_shown)])
+    return rows, (f"{len(anomalies)} anomalies" + (f"; {left} of the {int(wide.sum())} wide confidence intervals are not "
+                                                    "listed (`llmbench status` prints all)." if left else "."))
 
 
 def check_all(df, ratios: pd.DataFrame | None = None) -> pd.DataFrame:
