@@ -429,11 +429,12 @@ def quant_speedup(claim, ctx):
         return {"value": value, "verdict": untestable("a 16-bit baseline on this device (the seed reasons from FP16; "
                                                        "only fp32 ran here, so the speed-ups above are against fp32)"),
                 "basis": "measured", "why": ""}
-    best = max((r[b] for r in sixteen for b in SIXTEEN if b in r), key=lambda x: x[0])  # (ratio, ci_low, ci_high)
+    r, b = max(((r, b) for r in sixteen for b in SIXTEEN if b in r), key=lambda x: x[0][x[1]][0])
+    best = r[b]  # (ratio, ci_low, ci_high)
     verdict, why = ci_verdict(*best, lo, hi)
     return {"value": value, "verdict": verdict, "basis": "measured",
-            "why": "; ".join(w for w in (f"best speed-up against 16-bit: {fmt.fmt_ci(*best, fmt=lambda x: f'{x:.2f}')}x",
-                                         why) if w)}
+            "why": "; ".join(w for w in (f"best speed-up against 16-bit: {fmt.fmt_ci(*best, fmt=lambda x: f'{x:.2f}')}x "
+                                         f"({r['model']} {r['method']}, {r['engine']}; {r[b + ' source']})", why) if w)}
 
 
 def quant_robustness(claim, ctx):
