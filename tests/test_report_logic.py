@@ -357,3 +357,10 @@ def test_the_anomaly_list_never_cuts_a_serious_anomaly():
     assert line.startswith("150 anomalies; 60 of the 100 wide confidence intervals are not listed")
     assert A.listed(pd.DataFrame(planted))[1] == "50 anomalies."
     assert A.listed(pd.DataFrame(columns=["check"]))[1] == "No anomaly found in these records."
+
+
+def test_choose_is_between_the_two_models_not_a_trained_model_beside_them():
+    other = [{**r, "model": "smollm2-135m"} for r in (tpot(S), ttft(S, 16, 0.01))]
+    other = [{**r, "median": r["median"] / 100, "samples": [x / 100 for x in r["samples"]]} for r in other]
+    m = CH.choose_matrix(pd.concat([study(), frame(other)]), [{"name": "loose", "ttft_s": 2.0, "tpot_s": 0.1}])
+    assert set(m.model) == {S, L}

@@ -25,7 +25,11 @@ def _batch1(df, metric):
 
 def candidates(df) -> pd.DataFrame:
     """One row per configuration (model, engine, dtype, quant, ...): batch-1 TTFT at its longest measured
-    prompt, TPOT at its shortest context, and from the batch sweep the decode rate per batch."""
+    prompt, TPOT at its shortest context, and from the batch sweep the decode rate per batch. The choice is
+    between the study's two models where both ran (a trained model beside them, e.g. SmolLM2-135M, is there
+    for fidelity on real weights, not as a candidate)."""
+    p = frame.pair(df)
+    df = df[df.model.isin(p)] if p and "model" in df else df
     keys = frame.config_keys(df, drop=("weights_source", "tokens"))
     tt, tp = _batch1(df, "ttft"), _batch1(df, "tpot")
     rows = []
