@@ -106,8 +106,12 @@ def main():
     args = ap.parse_args()
     for m in args.models:
         check_choice("model", m, list(MODELS))
-    if args.profile_steps < 1:
-        raise UserError(f"--profile-steps={args.profile_steps}: give a whole number of at least 1")
+    for flag, v in (("--profile-steps", args.profile_steps), ("--gen-tokens", args.gen_tokens), ("--steps", args.steps),
+                    ("--repeats", args.repeats)):
+        if v < 1:  # transformers' generate fails on 0 new tokens with a traceback
+            raise UserError(f"{flag}={v}: give a whole number of at least 1")
+    if args.context < 1:
+        raise UserError(f"--context={args.context}: give a whole number of at least 1")
     kind = pick_device(args.device)
     check_choice("quant", args.quant, list(METHODS))
     auto = "fp32" if kind == "cpu" and args.quant != "none" else fastest_dtype(kind)

@@ -125,3 +125,11 @@ def test_the_benchmark_flag_writes_profile_csv_and_prints_the_table(tmp_path, mo
     assert f"profile: {tmp_path / 'profile.csv'}" in out and out.strip().splitlines()[-1].startswith("engines: 1b eager")
     t = pd.read_csv(tmp_path / "profile.csv")
     assert set(t.model) == {"1b"} and list(t[t.kind == "summary"].name) == ["kernel sum", "step wall", "gap"]
+
+
+@pytest.mark.parametrize("flag", ["--gen-tokens", "--steps", "--repeats", "--context", "--profile-steps"])
+def test_the_benchmark_names_a_count_below_1_in_one_line(flag):
+    import subprocess
+    r = subprocess.run([sys.executable, str(paths.ROOT / "benchmarks" / "engines.py"), flag, "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == f"engines.py: error: {flag}=0: give a whole number of at least 1"
