@@ -197,7 +197,7 @@ def profiler_events(e, ids, steps: int) -> tuple[list[prof.Event], float]:
                        index.get(id(x.cpu_parent))) for x in cpu], float(np.mean(walls))
 
 
-def profile_side(s: Side, steps: int = 3) -> tuple[list[prof.Row], prof.Summary]:
+def profile_side(s: Side, steps: int = PROFILE_STEPS) -> tuple[list[prof.Row], prof.Summary]:
     """The kernel table and summary of one side's decode step (measure/profile.py), per step over `steps`.
     Unsupported where the engine is not a torch module on cpu or cuda."""
     e = s.e

@@ -22,6 +22,18 @@ CROSS_POINT = "cross-point: measured in different processes"
 PAIR_KEYS = ("engine", "dtype", "quant", "device", "weights")  # a pair record's configuration, less the model
 
 
+def work_ratio(a: pd.DataFrame, b: pd.DataFrame) -> float:
+    """b/a work: the larger of the FLOPs and the bytes ratios of two sides' records (NaN where a FLOPs count
+    is missing): with a fixed per-step cost on top of a roofline time, the time ratio lies between 1 and it."""
+    if not (a.flops.notna().all() and b.flops.notna().all()):
+        return float("nan")
+    return max(b.flops.mean() / a.flops.mean(), b.bytes.mean() / a.bytes.mean())
+
+
+def median_mbu(d: pd.DataFrame) -> float:
+    return d.mbu.median() if "mbu" in d else float("nan")
+
+
 SAME_RUN = "same run: measured one after the other in one process, not alternating"
 SIDE_KEYS = ("model", "engine", "quant")  # what a pair's side B may change (its `pair` axis) from side A
 
@@ -59,13 +71,10 @@ def pair_ratios(df: pd.DataFrame, kind: str, invert: bool = False) -> pd.DataFra
         a, b = sd[sd[kind] == cfg[kind]], sd[sd[kind] == k[-2]]
         if not (len(a) and len(b)):
             continue  # a side left out (df holds only unflagged records): the ratio rests on it, so it goes too
-        work = max(b.flops.mean() / a.flops.mean(), b.bytes.mean() / a.bytes.mean()) \
-            if a.flops.notna().all() and b.flops.notna().all() else float("nan")
-        mbu = lambda x: x.mbu.median() if "mbu" in x else float("nan")
         rows.append({**cfg, "versus": k[-2], "tokens": int(k[-1]),
                      "A TPOT": float(np.median(pooled(a))), "B TPOT": float(np.median(pooled(b))),
-                     "ratio": ratio, "ci_low": lo, "ci_high": hi, "work ratio": work,
-                     "A MBU": mbu(a), "B MBU": mbu(b), "flag": "; ".join(flagged_labels(sd, flags)),
+                     "ratio": ratio, "ci_low": lo, "ci_high": hi, "work ratio": work_ratio(a, b),
+                     "A MBU": median_mbu(a), "B MBU": median_mbu(b), "flag": "; ".join(flagged_labels(sd, flags)),
                      "source": f"paired ({', '.join(sorted(set(g.pairing.dropna())))}): {len(rounds)} rounds in one process"})
     return pd.DataFrame(rows)
 
@@ -116,12 +125,10 @@ def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
                 continue  # measured side by side: the pair record gives this configuration's ratio
             if len(s) and len(l):
                 r, lo, hi = ratio_of_medians(repeats(s), repeats(l))
-                work = max(l.flops.mean() / s.flops.mean(), l.bytes.mean() / s.bytes.mean()) \
-                    if s.flops.notna().all() and l.flops.notna().all() else float("nan")
-                mbus = {m: x.mbu.median() if "mbu" in x else float("nan") for m, x in zip(p, (s, l))}
+                mbus = {m: median_mbu(x) for m, x in zip(p, (s, l))}
                 rows.append({"metric": metric.upper(), **dict(zip(keys, k[:-1])), "tokens": int(k[-1]),
                              p[0]: fmt_time(np.median(pooled(s))), p[1]: fmt_time(np.median(pooled(l))),
-                             "ratio": r, "ci_low": lo, "ci_high": hi, "work ratio": work,
+                             "ratio": r, "ci_low": lo, "ci_high": hi, "work ratio": work_ratio(s, l),
                              **{f"{m} MBU": v for m, v in mbus.items()},
                              "flag": "; ".join(flagged_labels(g, flags)),
                              # decode only: prefill is compute-bound, its low MBU says nothing of dispatch
