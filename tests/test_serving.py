@@ -243,13 +243,17 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-def test_sigkill_of_the_process_that_started_the_server_kills_the_server(tmp_path):
-    """PR_SET_PDEATHSIG: a runner killed with SIGKILL (no atexit, no handler runs) takes its server along."""
-    port = S.free_port()
-    script = RUNNER.format(lib=str(ROOT / "lib"), cmd=fake_cmd(port), log=str(tmp_path / "s.log"),
+def start_runner(tmp_path) -> tuple[subprocess.Popen, int]:
+    """(a runner process that spawned a fake server and then waits, the server's pid)."""
+    script = RUNNER.format(lib=str(ROOT / "lib"), cmd=fake_cmd(S.free_port()), log=str(tmp_path / "s.log"),
                            pids=str(tmp_path / "servers.json"))
     runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pid = int(runner.stdout.readline())
+    return runner, int(runner.stdout.readline())
+
+
+def test_sigkill_of_the_process_that_started_the_server_kills_the_server(tmp_path):
+    """PR_SET_PDEATHSIG: a runner killed with SIGKILL (no atexit, no handler runs) takes its server along."""
+    runner, pid = start_runner(tmp_path)
     assert S.pid_alive(pid)
     runner.send_signal(signal.SIGKILL)
     runner.wait()
@@ -260,11 +264,7 @@ def test_sigkill_of_the_process_that_started_the_server_kills_the_server(tmp_pat
 
 
 def test_sigterm_of_the_runner_stops_the_server_through_its_handler(tmp_path):
-    port = S.free_port()
-    script = RUNNER.format(lib=str(ROOT / "lib"), cmd=fake_cmd(port), log=str(tmp_path / "s.log"),
-                           pids=str(tmp_path / "servers.json"))
-    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pid = int(runner.stdout.readline())
+    runner, pid = start_runner(tmp_path)
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=20) == -signal.SIGTERM  # the handler stops the server, then the signal still ends it
     assert gone(pid)
