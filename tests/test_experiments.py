@@ -5,7 +5,7 @@ import torch
 from llmbench.experiments import batch_sweep
 from llmbench.experiments import latency
 from llmbench.experiments import session
-from llmbench.experiments.plans import PLANS, BatchPlan, LatencyPlan
+from llmbench.experiments.plans import PLANS, BatchPlan, LatencyPlan, batch_sizes
 
 
 def _ctx(tmp_path, **params):
@@ -21,7 +21,7 @@ def test_predicted_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
     # a budget that fits batches 1-2 of tiny-1b (weights + KV + transients) but not 4 and 8
     need = {b: batch_sweep.cm.footprint_bytes(e.cfg, 0, b, 16 + 4, "fp32") for b in (2, 4)}
     limit_gb = (e.weight_bytes + (need[2] + need[4]) / 2) / 1e9
-    batch_sweep.run(ctx, e, BatchPlan(max_batch=8, prompt_len=16, new_tokens=4, warmup=0, repeats=2, seed=0,
+    batch_sweep.run(ctx, e, BatchPlan(max_batch=8, batch_factor=2, prompt_len=16, new_tokens=4, warmup=0, repeats=2, seed=0,
                                       decode_steps=4, memory_limit_gb=limit_gb))
     df = pd.read_parquet(tmp_path / "run" / "records.parquet")
     lat = df[df.metric == "generate_latency"].set_index("batch").status
@@ -31,6 +31,14 @@ def test_predicted_oom_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert largest["median"] == 2  # the predicted largest batch is a finding, not the grid's maximum
     split = df[df.metric.isin(["prefill_tokens_per_s", "decode_tokens_per_s"])]
     assert set(split.batch) == {1, 2} and (split["median"] > 0).all()
+
+
+def test_batch_sizes_step_by_the_factor_and_always_end_at_max_batch():
+    assert batch_sizes(8, 2) == [1, 2, 4, 8]
+    assert batch_sizes(64, 4) == [1, 4, 16, 64]
+    assert batch_sizes(6, 2) == [1, 2, 4, 6]      # max_batch runs even where it is no power of the factor
+    assert batch_sizes(100, 10) == [1, 10, 100]
+    assert batch_sizes(1, 2) == [1]
 
 
 def test_real_oom_is_caught_memory_freed_and_recorded(tmp_path, monkeypatch):
@@ -43,7 +51,7 @@ def test_real_oom_is_caught_memory_freed_and_recorded(tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(e, ids, *a, **k)
     monkeypatch.setattr(batch_sweep, "time_generate", flaky)
-    batch_sweep.run(ctx, e, BatchPlan(max_batch=4, prompt_len=8, new_tokens=2, warmup=0, repeats=2, seed=0,
+    batch_sweep.run(ctx, e, BatchPlan(max_batch=4, batch_factor=2, prompt_len=8, new_tokens=2, warmup=0, repeats=2, seed=0,
                                       decode_steps=4, memory_limit_gb=0.0))
     df = pd.read_parquet(tmp_path / "run" / "records.parquet")
     lat = df[df.metric == "generate_latency"].set_index("batch").status

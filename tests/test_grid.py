@@ -52,6 +52,7 @@ def test_product_and_per_notebook_override(tmp_path):
     ({"name": "../../etc", "notebooks": {"01_latency": None}}, ["name", "'../../etc'"]),
     ({"notebooks": {"01_latency": {"params": {"weights": ["x'; import os; os.system('id') #"]}}}}, ["weights", "does not exist"]),
     ({"params": {"quick": [True]}, "notebooks": {"01_latency": None}}, ["params.quick", "no notebook"]),
+    ({"notebooks": {"02_batch_sweep": {"params": {"batch_factor": [1]}}}}, ["batch_factor=1", "2 or more"]),
     ({"nothing": 1}, ["nothing", "unknown key"]),
     ("notebooks: [unclosed", ["not valid YAML"]),
 ])

@@ -1,4 +1,4 @@
-"""Experiment 02: throughput and memory against batch size (powers of two up to a bound).
+"""Experiment 02: throughput and memory against batch size (BatchPlan.batches: 1, 2, 4, ... up to a bound).
 
 Per batch: prefill tokens/s and decode tokens/s from timed prefill and decode steps (as llama-bench's
 pp and tg), and a whole generate's latency, tokens/s and requests/s. Running out of memory at a batch
@@ -20,10 +20,6 @@ from llmbench.system.device import empty_cache, free_memory, is_oom
 SEARCH_LIMIT = 4096  # never try batches beyond this when searching for the largest one
 
 
-def batches_up_to(max_batch: int) -> list[int]:
-    return [2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch]
-
-
 def available_bytes(sess: Session, e, memory_limit_gb: float) -> float:
     if memory_limit_gb > 0:
         return memory_limit_gb * 1e9 - e.weight_bytes
@@ -39,7 +35,7 @@ def predicted_largest_batch(e, tokens: int, available: float) -> int:
 
 
 def run(sess: Session, e, plan: BatchPlan) -> list[dict]:
-    for b in batches_up_to(plan.max_batch):
+    for b in plan.batches():
         one_batch(sess, e, b, plan.prompt_len, plan.new_tokens, plan.warmup, plan.repeats, plan.seed,
                   plan.memory_limit_gb, plan.decode_steps)
     largest(sess, e, plan.max_batch, plan.prompt_len, plan.new_tokens, plan.seed, plan.memory_limit_gb)

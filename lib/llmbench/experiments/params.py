@@ -73,6 +73,11 @@ def _non_negative(name, v):
         raise UserError(f"{name}={v!r}: must be 0 or more")
 
 
+def _factor(name, v):
+    if v < 2:
+        raise UserError(f"{name}={v!r}: must be 2 or more (each batch size is this times the one before)")
+
+
 def _port(name, v):
     if not 0 <= v <= 65535:
         raise UserError(f"{name}={v!r}: must be a TCP port, 1-65535 (0: a free one)")
@@ -92,7 +97,7 @@ RULES = {
     "device": _choice(DEVICES), "dtype": _choice([*DTYPES, "auto"]), "quant": _choice(METHODS),
     "methods": _choice(METHODS), "weights": _weights, "tokens": _choice(TOKENS), "engine": _choice(ENGINES),
     "prompt_lens": _positive, "decode_contexts": _positive, "decode_steps": _positive, "gen_new_tokens": _positive,
-    "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "prompt_len": _positive,
+    "gen_prompt_len": _positive, "repeats": _positive, "max_batch": _positive, "batch_factor": _factor, "prompt_len": _positive,
     "new_tokens": _positive, "batch": _positive, "fidelity_batch": _positive, "fidelity_len": _positive,
     "task_queue": _task_queue, "pair": _choice(PAIR_KINDS), "decode_context": _positive,
     "versus": lambda n, v: _choice([*model_names(), *ENGINES, *METHODS])(n, v),

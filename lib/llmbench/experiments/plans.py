@@ -29,13 +29,25 @@ class LatencyPlan(Repeats):
     gen_new_tokens: tuple[int, ...] = _help("new tokens of each whole-generate run")
 
 
+def batch_sizes(max_batch: int, factor: int) -> list[int]:
+    """1, f, f^2, ... below max_batch, then max_batch: (64, 4) is 1, 4, 16, 64; (6, 2) is 1, 2, 4, 6."""
+    out = [1]
+    while out[-1] * factor < max_batch:
+        out.append(out[-1] * factor)
+    return out + [max_batch] if max_batch > 1 else out
+
+
 @dataclass(frozen=True, kw_only=True)
 class BatchPlan(Repeats):
-    max_batch: int = _help("largest batch; the sweep runs every power of two up to it")
+    max_batch: int = _help("largest batch; the sweep runs the powers of batch_factor below it, then it")
+    batch_factor: int = _help("each batch size is this times the one before (2: every power of two)")
     prompt_len: int = _help("prompt tokens per request")
     new_tokens: int = _help("generated tokens per request")
     decode_steps: int = _help("decode steps timed one by one at each batch (decode tokens/s)")
     memory_limit_gb: float = _help("treat memory beyond this as absent (0: what the device reports free)")
+
+    def batches(self) -> list[int]:
+        return batch_sizes(self.max_batch, self.batch_factor)
 
     def max_seq(self) -> int:
         """The longest sequence the sweep builds: what a static KV cache must hold."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from llmbench.core.errors import UserError
 from llmbench.experiments.params import declared
+from llmbench.experiments.plans import batch_sizes
 from llmbench.model import costmodel as cm
 from llmbench.model.models import load_config
 
@@ -73,7 +74,7 @@ def _cost(a, model, engine, p) -> tuple[float, int]:
         return s, shapes
     if nb == "02_batch_sweep":
         L, n = p["prompt_len"], p["new_tokens"]
-        batches = [2 ** i for i in range(p["max_batch"].bit_length()) if 2 ** i <= p["max_batch"]]
+        batches = batch_sizes(p["max_batch"], p["batch_factor"])
         s = sum((W + R) * pre(b * L) + decode_block(b, L, p["decode_steps"]) + generate(b, L, n) for b in batches)
         # batch_sweep.largest: doubling past max_batch to the search limit or out of memory
         cfg, b, tried = load_config(model), p["max_batch"], 0
