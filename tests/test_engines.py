@@ -36,6 +36,20 @@ def test_compiled_and_eager_agree_on_tokens_and_logits():
     assert recompiles == 0 and measure.compiles_so_far(comp) == before and [len(b) for b in blocks] == [3, 3]
 
 
+def test_the_agreement_check_runs_the_decode_step_compiled_at_load():
+    """Greedy generation and the teacher-forced logits (latency.agreement) reuse the one decode graph: a token
+    of another kind (not an inference tensor), other strides or grad mode would each compile it again
+    (a 1B compiled point compiled it four times, about 20 s on 2 cores)."""
+    comp = _load("compiled", max_batch=1)
+    ids = make_batch(1, 12, comp.cfg, 0)[0]
+    before = measure.compiles_so_far(comp)
+    seq = engine.generate(engine.reference(comp), ids, 8)
+    engine.generate(comp, ids, 8)
+    lg = latency._graph_logits(comp, seq, 12)
+    assert lg.shape == (7, comp.cfg.vocab_size)
+    assert measure.compiles_so_far(comp) == before
+
+
 def test_a_compilation_inside_timed_steps_is_counted_and_refused(monkeypatch):
     e = _load("eager")
     ids = make_batch(1, 8, e.cfg, 0)[0]

@@ -142,9 +142,9 @@ def load(req: LoadRequest) -> Engine:
 def _first_compile(e: Engine) -> None:
     """Compile the decode step at the load's batch size now, so that a model the compiler cannot
     capture (e.g. a quantized Linear it cannot trace) is an "unsupported: why" record, not a crash."""
-    tok = torch.zeros(e.model.max_batch, 1, dtype=torch.long, device=torch_device(e.kind))
     try:
-        with torch.inference_mode():
+        with torch.inference_mode():  # the token an inference tensor, as every later step's: else dynamo recompiles
+            tok = torch.zeros(e.model.max_batch, 1, dtype=torch.long, device=torch_device(e.kind))
             _call(e, "decode", tok, _positions(e, 0, 1))  # writes cache slot 0, which every prefill rewrites
     except Exception as exc:
         if is_oom(exc):
@@ -191,6 +191,7 @@ def reference(e: Engine) -> Engine | None:
     return None if ref is None else dataclasses.replace(e, name="eager", model=ref)
 
 
+@torch.inference_mode()  # as decode: under grad mode dynamo would compile the step again (and mark the cache)
 def decode_logits(e: Engine, state: State, token):
     """One decode step through the compiled graph: (next state, logits [batch, vocab])."""
     return State(pos=state.pos + 1), _call(e, "decode", token, _positions(e, state.pos, 1))

@@ -124,12 +124,16 @@ def agreement(sess: Session, e, prompt_len, new_tokens, seed):
     add_compile_times(sess, e)
 
 
+@torch.inference_mode()  # its tokens inference tensors like decode's: any other kind recompiles the step
 def _graph_logits(e, seq, prompt_len: int):
     """The compiled decode graph's logits [steps, vocab] after each of seq's tokens from prompt_len on."""
     state, _ = engine.prefill(e, seq[:, :prompt_len])
     out = []
     for t in range(prompt_len, seq.shape[1] - 1):
-        state, lg = engine.decode_logits(e, state, seq[:, t:t + 1])
+        # a fresh [batch, 1] token as decode's own: a column sliced from seq has other strides, and the
+        # compiled step would be compiled again for them
+        token = seq[:, t:t + 1].clone(memory_format=torch.contiguous_format)
+        state, lg = engine.decode_logits(e, state, token)
         out.append(lg[0].float().cpu())
     return torch.stack(out)
 
