@@ -30,6 +30,25 @@ def test_cpu_methods_replace_exactly_the_linears_and_keep_kl_bounded(method):
     assert fid["top1_agreement"] > 0.9
 
 
+def test_w8a8_linears_are_the_ones_quantize_dynamic_makes_and_know_their_bytes():
+    """dynamic_int8_linear packs each weight once: same outputs, same bytes as torch.ao's quantize_dynamic."""
+    import copy
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    model, _ = load_model("tiny-3b", seed=5)
+    theirs = copy.deepcopy(model)
+    torch.ao.quantization.quantize_dynamic(theirs, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+                                           dtype=torch.qint8, inplace=True)
+    quant.quantize(model, "w8a8", "cpu", "fp32")
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(all_logits(model, ids), all_logits(theirs, ids))
+    ours = [m for m in model.modules() if isinstance(m, DynamicLinear)]
+    assert len(ours) == 7 * 3 + 1
+    for m in ours:  # the bytes kept at quantization are those of the packed weight read back
+        w = m.weight()
+        assert (m.in_features, m.out_features) == (w.shape[1], w.shape[0])
+        assert m.stored_bytes == w.numel() + 16 * w.shape[0]  # int8 weight, float64 scale and int64 zero point per row
+
+
 def test_weight_bytes_count_tied_embedding_once_and_scales():
     model, _ = load_model("tiny-1b")
     assert quant.weight_bytes(model) == 155_968 * 4

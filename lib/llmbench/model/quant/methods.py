@@ -23,7 +23,7 @@ GROUP_SIZE = 128  # int4 group along K, as in gpt-fast and torchao defaults
 
 # What actually runs for each (backend, method): recorded next to every quantized number.
 KERNELS = {
-    ("cpu", "w8a8"): "fbgemm dynamic int8 (torch.ao quantize_dynamic, per-channel weights); activations are "
+    ("cpu", "w8a8"): "fbgemm dynamic int8 (torch.ao's dynamic quantized Linear, per-channel weights); activations are "
                      "quantized per tensor with a 7-bit range, not per token",
     ("cpu", "w8a16"): "aten._weight_int8pack_mm (int8 per-channel weights, fp32 activations)",
     ("cpu", "w4a16"): "aten._weight_int4pack_mm_for_cpu (uint4 group-wise weights with zero points)",
@@ -107,13 +107,29 @@ class CpuInt4WeightLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def _cpu_w8a8(model):
+def dynamic_int8_linear(lin: nn.Linear):
+    """torch.ao's dynamic int8 Linear of `lin` (what quantize_dynamic with per_channel_dynamic_qconfig makes:
+    the same observer, quantized weight and module), with its weight packed once: from_float first packs a
+    zero weight of the full size, and reading a packed weight back (for its bytes) unpacks it, each about
+    as slow as the packing (3B: 102 s of quantization, mostly these). Its stored bytes are kept as
+    `stored_bytes`: the int8 weight, its per-channel scales and zero points."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.nn.quantized.modules.utils import _quantize_weight
+    observer = torch.ao.quantization.per_channel_dynamic_qconfig.weight()
+    observer(lin.weight)
+    qweight = _quantize_weight(lin.weight.float(), observer)
+    q = DynamicLinear(1, 1, bias_=lin.bias is not None, dtype=torch.qint8)  # a 1x1 placeholder: nothing to pack
+    q.in_features, q.out_features = lin.in_features, lin.out_features
+    q.set_weight_bias(qweight, lin.bias)
+    s, z = qweight.q_per_channel_scales(), qweight.q_per_channel_zero_points()
+    q.stored_bytes = qweight.numel() + s.numel() * s.element_size() + z.numel() * z.element_size()
+    return q
+
+
+def _cpu_w8a8(model):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated")
-        torch.ao.quantization.quantize_dynamic(
-            model, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
-    return [n for n, m in model.named_modules() if isinstance(m, DynamicLinear)]
+        return replace_linears(model, dynamic_int8_linear)
 
 
 def _quantize_cpu(model, method, dtype):
@@ -196,9 +212,7 @@ def weight_bytes(model: nn.Module) -> int:
 
     for m in model.modules():
         if isinstance(m, DynamicLinear):  # packed int8 weight: 1 byte per element, plus per-channel qparams
-            w = m.weight()
-            s, z = w.q_per_channel_scales(), w.q_per_channel_zero_points()
-            total += w.numel() + s.numel() * s.element_size() + z.numel() * z.element_size()
+            total += m.stored_bytes
         elif "Rotary" not in type(m).__name__:  # rotary tables derive from the config: not weights
             for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
                 add(t)
