@@ -54,6 +54,17 @@ def test_both_models_alternate_and_the_ratio_comes_from_the_rounds(tmp_path, mon
     assert len(d) == 3
 
 
+def test_each_compiled_side_records_its_own_compile_time(tmp_path, monkeypatch):
+    """1B and 3B compile the same input shapes: each model's compilation is a record of its own."""
+    sess = _sess(tmp_path, engine="compiled")
+    _order(monkeypatch)
+    pairs.run(sess, _plan())
+    df = pd.read_parquet(tmp_path / "run" / "records.parquet")
+    compiles = df[df.metric == "compile_time"]
+    assert set(compiles.model) == {"tiny-1b", "tiny-3b"} and (compiles["median"] > 0).all()
+    assert (compiles.engine == "compiled").all()
+
+
 def test_a_pair_run_with_profile_keeps_each_sides_kernel_table_in_its_folder(tmp_path, monkeypatch):
     sess = _sess(tmp_path)
     _order(monkeypatch)

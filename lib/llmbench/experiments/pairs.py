@@ -276,7 +276,7 @@ def run(sess: Session, plan: PairPlan) -> list[dict]:
                                 sess.kind)
         conds.append(cond)
         for s in (a, b):
-            add_compile_times(sess, s.e)
+            add_compile_times(sess, s.e, s.fields["model"])
             _profile(s, plan, tables)
         rows = [_side_row(sess, a, plan, common), _side_row(sess, b, plan, common)]
     else:  # one after the other: each side's rounds in its own window, the memory freed between them
@@ -288,7 +288,7 @@ def run(sess: Session, plan: PairPlan) -> list[dict]:
             s = _side(sess, fields, e, plan)
             _, cond = noise.measure(lambda: _fresh(s) or _alone(s, plan), sess.kind)
             conds.append(cond)
-            add_compile_times(sess, e)
+            add_compile_times(sess, e, fields["model"])
             rows.append(_side_row(sess, s, plan, common))
             _profile(s, plan, tables)
             done.append(s)

@@ -122,11 +122,14 @@ def load(sess: Session, method: str | None = None, max_batch: int = 1, max_seq: 
     return e
 
 
-def add_compile_times(sess: Session, e) -> None:
+def add_compile_times(sess: Session, e, model: str | None = None) -> None:
     """Record each shape the engine compiled since the last call (compile time is paid once per shape,
-    never folded into warm-up or samples)."""
+    never folded into warm-up or samples). model: the engine's model where it is not the run's (a pair's
+    other side); a shape is one per model and configuration (1B and 3B compile the same shapes)."""
+    fields = {**config_fields(e), **({"model": model} if model else {})}
     for key, seconds in (e.extra.get("compiles") or {}).items():
-        if key not in sess.compiled_seen:
-            sess.compiled_seen.add(key)
+        seen = (tuple(sorted(fields.items())), key)
+        if seen not in sess.compiled_seen:
+            sess.compiled_seen.add(seen)
             add(sess, row(sess, experiment="load", metric="compile_time", unit="s", samples=[seconds],
-                          note=f"{key[0]} step, input shapes {key[1:]}", **config_fields(e)))
+                          note=f"{key[0]} step, input shapes {key[1:]}", **fields))
