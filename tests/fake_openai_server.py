@@ -5,17 +5,24 @@ It behaves like llama-server where the load client can tell: /health answers 503
 final chunk with usage, then [DONE]; `--slots` requests decode at once, the rest wait (so a rate above
 slots / (ttft + n x tpot) saturates it). --die-after N exits the process when request N+1 arrives.
 
+As vLLM with a real tokenizer (--vllm): a request with return_token_ids gets each chunk's token_ids, and
+every other token streams with an empty text (a byte-level piece held back by the detokenizer).
+--child-pid-file F starts a child process in the server's process group (as vLLM's engine core) and
+writes its pid to F.
+
 usage: python fake_openai_server.py --port P [--ttft 0.02] [--tpot 0.005] [--slots 2] [--load-s 0.3]
+       [--model-name fake-model] [--vllm] [--child-pid-file F]
 """
 import argparse
 import json
 import os
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--ttft", type=float, default=0.02)
@@ -24,7 +31,15 @@ def main():
     ap.add_argument("--load-s", type=float, default=0.3)
     ap.add_argument("--die-after", type=int, default=0)
     ap.add_argument("--no-usage", action="store_true")
-    a = ap.parse_args()
+    ap.add_argument("--model-name", default="fake-model")
+    ap.add_argument("--vllm", action="store_true")
+    ap.add_argument("--child-pid-file", default="")
+    a = ap.parse_args(argv)
+    if a.child_pid_file:
+        import subprocess
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # a python, as vLLM's
+        with open(a.child_pid_file, "w") as f:
+            f.write(str(child.pid))
     t_start = time.monotonic()
     slots = threading.Semaphore(a.slots)
     seen = [0]
@@ -49,7 +64,7 @@ def main():
                 loading = time.monotonic() - t_start < a.load_s
                 self._json(503 if loading else 200, {"status": "loading model" if loading else "ok"})
             elif self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": "fake-model"}]})
+                self._json(200, {"object": "list", "data": [{"id": a.model_name}]})
             else:
                 self._json(404, {"error": "not found"})
 
@@ -74,7 +89,10 @@ def main():
                 for i in range(n):
                     if i:
                         time.sleep(a.tpot)
-                    self._chunk({"choices": [{"text": f"{i:x}", "index": 0, "finish_reason": None}]})
+                    choice = {"text": "" if a.vllm and i % 2 else f"{i:x}", "index": 0, "finish_reason": None}
+                    if a.vllm and body.get("return_token_ids"):
+                        choice["token_ids"] = [i]
+                    self._chunk({"choices": [choice]})
                 final = {"choices": [{"text": "", "index": 0, "finish_reason": "length"}]}
                 if not a.no_usage:
                     final["usage"] = {"completion_tokens": n, "prompt_tokens": len(prompt),

@@ -200,12 +200,6 @@ def test_port_in_use_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "servers.json").exists()
 
 
-def test_vllm_is_recorded_unsupported(tmp_path):
-    ctx = ctx_for(tmp_path)
-    assert S.start_server(ctx, "vllm", {}, 8, 4) is None
-    assert ctx.rows[0]["status"].startswith("unsupported: not run by this study yet: vLLM needs its own")
-
-
 @pytest.mark.parametrize("name,value,msg", [
     ("rates", [0.1, 0.0], "must be positive"), ("rates", [-1.0], "must be positive"),
     ("concurrencies", [-1], "must be 0 or more"), ("server", "sglang", "valid: llama-server, endpoint, vllm"),

