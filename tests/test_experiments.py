@@ -5,7 +5,8 @@ import torch
 from llmbench.experiments import batch_sweep
 from llmbench.experiments import latency
 from llmbench.experiments import session
-from llmbench.experiments.plans import PLANS, BatchPlan, LatencyPlan, batch_sizes
+from llmbench.experiments.params import batch_sizes
+from llmbench.experiments.plans import PLANS, BatchPlan, LatencyPlan
 
 
 def _ctx(tmp_path, **params):

@@ -33,6 +33,15 @@ def declared(notebook: str) -> dict:
             for name, p in papermill.inspect_notebook(str(path)).items()}
 
 
+def batch_sizes(max_batch: int, factor: int) -> list[int]:
+    """02_batch_sweep's batch sizes (the dry-run estimate walks the same): 1, f, f^2, ... below max_batch,
+    then max_batch; (64, 4) is 1, 4, 16, 64 and (6, 2) is 1, 2, 4, 6."""
+    out = [1]
+    while out[-1] * factor < max_batch:
+        out.append(out[-1] * factor)
+    return out + [max_batch] if max_batch > 1 else out
+
+
 def _type_ok(value, type_name: str) -> bool:
     scalar = {"str": str, "int": int, "float": (int, float), "bool": bool}
     if type_name in ("int", "float") and isinstance(value, bool):

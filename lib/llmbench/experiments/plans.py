@@ -7,6 +7,8 @@ that every plan field is a declared parameter of its notebook.
 """
 from dataclasses import dataclass, field, fields
 
+from llmbench.experiments.params import batch_sizes
+
 
 def _help(text: str):
     return field(metadata={"help": text})
@@ -27,14 +29,6 @@ class LatencyPlan(Repeats):
     decode_steps: int = _help("decode steps timed one by one at each context")
     gen_prompt_len: int = _help("prompt length of the whole-generate comparison")
     gen_new_tokens: tuple[int, ...] = _help("new tokens of each whole-generate run")
-
-
-def batch_sizes(max_batch: int, factor: int) -> list[int]:
-    """1, f, f^2, ... below max_batch, then max_batch: (64, 4) is 1, 4, 16, 64; (6, 2) is 1, 2, 4, 6."""
-    out = [1]
-    while out[-1] * factor < max_batch:
-        out.append(out[-1] * factor)
-    return out + [max_batch] if max_batch > 1 else out
 
 
 @dataclass(frozen=True, kw_only=True)

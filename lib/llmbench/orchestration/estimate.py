@@ -15,8 +15,7 @@ import ast
 from dataclasses import dataclass
 
 from llmbench.core.errors import UserError
-from llmbench.experiments.params import declared
-from llmbench.experiments.plans import batch_sizes
+from llmbench.experiments.params import batch_sizes, declared
 from llmbench.model import costmodel as cm
 from llmbench.model.models import load_config
 
