@@ -4,6 +4,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 import types
 import weakref
 from pathlib import Path
@@ -22,6 +23,17 @@ def cli(*args, timeout=600, env=None):
     """Run the llmbench CLI as a user would; returns the CompletedProcess."""
     return subprocess.run([*LLMBENCH, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def gone(pid: int, within: float = 10.0) -> bool:
+    """True once process pid has exited (a zombie counts as exited), polling for up to `within` seconds."""
+    from llmbench.experiments.serving import pid_alive
+    t0 = time.time()
+    while time.time() - t0 < within:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 class FakeNpu:

@@ -6,12 +6,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from conftest import gone
 from llmbench.experiments import serving as S
 from llmbench.measure import serving_metrics as SM
 from llmbench.core.errors import UserError
@@ -36,15 +36,6 @@ def start_fake(tmp_path, *extra) -> S.Server:
         except S.ServerFailed:
             S.stop(server)
     raise AssertionError("the stand-in server did not start in 3 tries")
-
-
-def gone(pid, within=10.0) -> bool:
-    t0 = time.time()
-    while time.time() - t0 < within:
-        if not S.pid_alive(pid):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_server_lifecycle_records_pid_and_leaves_nothing(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gone
 from llmbench.core import paths
 from llmbench.core.errors import UserError
 from llmbench.experiments import serving as S
@@ -149,15 +150,6 @@ def fake_vllm(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.setattr(hf_export, "export", lambda *a: hf_export.HfFolder(folder, 0.0, True))
     return exe
-
-
-def gone(pid, within=10.0) -> bool:
-    t0 = time.time()
-    while time.time() - t0 < within:
-        if not S.pid_alive(pid):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_vllm_lifecycle_owned_recorded_counted_by_token_and_stopped(tmp_path, fake_vllm):
