@@ -220,7 +220,7 @@ def test_server_cpu_time_counts_the_processes_it_started(tmp_path):
     try:
         time.sleep(1.5)
         from llmbench.system import noise
-        group = S.group_ticks(proc.pid) * noise.TICK_S
+        group = noise.group_ticks(proc.pid) * noise.TICK_S
         leader = noise._own_ticks(proc.pid) * noise.TICK_S
         assert group > 0.5 and group - leader > 0.5, (group, leader)
     finally:

@@ -592,27 +592,11 @@ def run_closed(server: Server, prompts: list[list[int]], concurrency: int, warmu
     return in_thread(lambda: _closed_loop(server, prompts, n, warmup, concurrency, new_tokens, max_run_s))
 
 
-def group_ticks(pgid: int) -> int:
-    """CPU ticks (utime stime cutime cstime) of every live process in process group pgid: the server and
-    what it started (vLLM's engine core and worker are processes of their own, in the server's group)."""
-    total = 0
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(rest[2]) == pgid:  # field 5: pgrp
-                total += sum(int(v) for v in rest[11:15])
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-    return total
-
-
 def _server_ticks(server: Server) -> float:
     """CPU seconds the server's process group has used so far (0 where it is not ours)."""
     if server.proc is None:
         return 0.0
-    return group_ticks(server.proc.pid) * noise.TICK_S
+    return noise.group_ticks(server.proc.pid) * noise.TICK_S
 
 
 def watched(fn, server: Server):

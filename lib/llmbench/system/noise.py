@@ -63,9 +63,31 @@ def _proc_stat() -> tuple[list[int], int]:
     return total, sum(1 for ln in lines if re.match(r"cpu\d+ ", ln))
 
 
-def _own_ticks(pid="self") -> int:
-    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat_fields(pid) -> list[str]:
+    """/proc/<pid>/stat from field 3 (state) on: the command name before it may hold spaces and ')'."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _ticks(rest: list[str]) -> int:
     return sum(int(v) for v in rest[11:15])  # utime stime cutime cstime (fields 14-17)
+
+
+def _own_ticks(pid="self") -> int:
+    return _ticks(_stat_fields(pid))
+
+
+def group_ticks(pgid: int) -> int:
+    """CPU ticks of every live process in process group pgid: a server and what it started (vLLM's engine
+    core and worker are processes of their own, in the server's group)."""
+    total = 0
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            rest = _stat_fields(d.name)
+            if int(rest[2]) == pgid:  # field 5: pgrp
+                total += _ticks(rest)
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return total
 
 
 def snapshot() -> Snapshot | None:
@@ -334,7 +356,7 @@ def _ancestors() -> set[int]:
     while pid > 0 and pid not in out:
         out.add(pid)
         try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            pid = int(_stat_fields(pid)[1])  # field 4: ppid
         except (OSError, ValueError, IndexError):
             break
     return out
