@@ -375,8 +375,9 @@ def start_vllm(sess, p: dict, prompt_len: int, new_tokens: int) -> Server:
         raise Unsupported(source)
     info = vllm_versions(python)
     folder = hf_export.export(p["model"], p["weights"], p.get("seed", 0), p["dtype"])
-    threads = p.get("threads") or len(os.sched_getaffinity(0))
-    bind = bind_cpus(threads, list(os.sched_getaffinity(0))) if kind == "cpu" else ""
+    cpus = sorted(os.sched_getaffinity(0))
+    threads = p.get("threads") or len(cpus)
+    bind = bind_cpus(threads, cpus) if kind == "cpu" else ""
     max_len = -(-(prompt_len + new_tokens + 1) // 256) * 256  # as llama-server's slots
     kv = vllm_kv_bytes(p["parallel"], max_len, kv_bytes_per_token(load_config(p["model"]), p["dtype"]))
     server = start_owned("vllm", p["model"], sess.dir, p.get("port", 0), lambda port: vllm_cmd(
