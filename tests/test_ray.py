@@ -40,7 +40,9 @@ def tiny_grid(tmp_path, name: str) -> Path:
 
 
 def point_processes(grid_name: str) -> dict[int, str]:
-    """pid -> command line of the `llmbench run-point` processes of one grid."""
+    """pid -> command line of the `llmbench run-point` processes of one grid, one per point: a point's
+    process that is starting its kernel has a forked child with the same command line (and environment)
+    until that child execs, so processes whose parent is one of them are left out."""
     out = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -50,7 +52,14 @@ def point_processes(grid_name: str) -> dict[int, str]:
                 continue
             if "run-point" in cmd and f"--grid-name {grid_name} " in cmd:
                 out[int(d.name)] = cmd
-    return out
+    return {pid: cmd for pid, cmd in out.items() if _parent_or_none(pid) not in out}
+
+
+def _parent_or_none(pid: int) -> int | None:
+    try:
+        return parent(pid)
+    except (OSError, IndexError, ValueError):  # the process ended meanwhile
+        return None
 
 
 def wait_for(cond, timeout_s: float, what: str):
@@ -95,7 +104,8 @@ def test_ray_grid_killed_task_killed_driver_resume(cluster, tmp_path):
 
     def both_latency_points():
         procs = point_processes("raygrid")
-        return procs if sum("01_latency" in c for c in procs.values()) == 2 else None
+        models = sorted(m for c in procs.values() for m in ("tiny-1b", "tiny-3b") if f"01_latency-{m}" in c)
+        return procs if models == ["tiny-1b", "tiny-3b"] and len(procs) == 2 else None
     procs = wait_for(both_latency_points, 180, "two latency points running at once")
     device_run = layout.device_point(load_grid(g)["points"][0], platform.node())["run_id"]
     assert [p.name for p in gdir.iterdir() if not p.name.startswith(".")] == [device_run]  # it ended before them
