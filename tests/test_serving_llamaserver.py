@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(BUILT is None, reason="llama-server is not built
 
 def test_llama_server_streams_one_chunk_per_token_with_the_servers_usage(tmp_path):
     binary, _ = BUILT
-    g = gguf_export.export("tiny-1b", "synthetic", 0, "F32", "fp32", vocab="test")
+    g = gguf_export.export("tiny-1b", "synthetic", 0, "F32", "fp32")
     server = S.start_llama_server(binary, g.path, "tiny-1b", tmp_path, 2, 256, 1, "cpu", "F32", "off")
     try:
         prompts = [[(7 * i + j) % 500 + 1 for j in range(24)] for i in range(4)]
@@ -42,7 +42,7 @@ def test_port_taken_by_another_process_after_it_was_chosen_is_a_recorded_failure
     """A server that cannot bind exits; with a fixed port that is one clear failure, no retry, no orphan."""
     import socket
     binary, _ = BUILT
-    g = gguf_export.export("tiny-1b", "synthetic", 0, "F32", "fp32", vocab="test")
+    g = gguf_export.export("tiny-1b", "synthetic", 0, "F32", "fp32")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

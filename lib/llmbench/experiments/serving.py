@@ -2,8 +2,8 @@
 
 Servers (the `server` parameter):
   llama-server  llama.cpp's server built from the pinned llama.cpp (llamaserver_build), on the GGUF of
-                the same weights the other notebooks run (gguf_export, vocab "test": each token streams
-                as one complete text piece). Started by the study: bound to 127.0.0.1 on a free port,
+                the same weights the other notebooks run (gguf_export; its test vocabulary streams each
+                token as one complete text piece). Started by the study: bound to 127.0.0.1 on a free port,
                 in its own process group, with PR_SET_PDEATHSIG=SIGKILL (it dies with the thread that
                 started it: the kernel's main thread), ready when /health says so; stopped on every exit
                 path (try/finally, atexit, SIGTERM/SIGHUP handlers). Every pid is written to
@@ -752,7 +752,7 @@ def start_server(sess, server_kind: str, p: dict, prompt_len: int, new_tokens: i
         flags = " ".join(build["cmake_args"])
         if kind != "cpu" and f"-DGGML_{BACKEND[kind]}=ON" not in flags:
             raise Unsupported(f"this llama-server build has no {BACKEND[kind]} backend (flags: {flags})")
-        g = gguf_export.export(p["model"], p["weights"], p.get("seed", 0), t, p["dtype"], vocab="test")
+        g = gguf_export.export(p["model"], p["weights"], p.get("seed", 0), t, p["dtype"])
         kv = KV_TYPE[p["dtype"]]
         fa = "off" if p["dtype"] == "fp32" else "auto"  # as the llamacpp engine: fp32 keeps attention in fp32
         threads = p.get("threads") or len(os.sched_getaffinity(0))

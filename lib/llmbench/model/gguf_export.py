@@ -8,10 +8,10 @@ out as llama.cpp's convert_hf_to_gguf.py does for LlamaForCausalLM (conversion/l
   - llama3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors (generate_extra_tensors);
   - a tied LM head is not written: llama.cpp then uses token_embd as the output matrix;
   - 1-D tensors (norms, rope_freqs) stay F32 in every file type, as convert does.
-No tokenizer goes in (tokenizer.ggml.model = "none" with the vocabulary size): the study feeds token ids.
-A file for llama-server (vocab="test") carries llama.cpp's test vocabulary instead: one entry per id, its
-text the id in hex, so the server can turn each generated token into a text piece to stream (with
-"none" it aborts on the first one) and every token is one complete piece.
+No tokenizer goes in: the study feeds token ids. Every file carries llama.cpp's test vocabulary (one entry
+per id, its text the id in hex), so llama-server can turn each generated token into a text piece to stream
+(with tokenizer model "none" it aborts on the first one) and every token is one complete piece; the
+in-process engine, which reads logits, loads the same file, so a model and type is exported once.
 Files are cached in data/cache/gguf/, keyed by model, weights, seed, source dtype and type; a file is
 written under a temporary name and renamed, so a killed export leaves nothing half-written.
 """
@@ -33,7 +33,6 @@ from llmbench.model.models import head_dim, load_model
 from llmbench.model.rope import rope_freqs
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
-VOCABS = ("none", "test")  # no vocabulary (ids in, logits out), or llama.cpp's test one (for llama-server)
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # gguf.LlamaFileType
 CACHE = paths.DATA / "cache" / "gguf"
 CHUNK_ROWS = 4096  # quantize this many rows at a time: bounded memory on a 128256-row embedding
@@ -60,9 +59,9 @@ def weights_key(weights: str, seed: int) -> str:
     return "real-" + hashlib.sha256(json.dumps([str(p.resolve()) if p.is_dir() else weights, stamp]).encode()).hexdigest()[:12]
 
 
-def cache_path(model: str, weights: str, seed: int, src_dtype: str, gguf_type: str, vocab: str = "none") -> Path:
-    tail = "" if vocab == "none" else f"-v{vocab}"
-    return CACHE / f"{model}-{weights_key(weights, seed)}-{src_dtype}-{gguf_type}{tail}.gguf"
+def cache_path(model: str, weights: str, seed: int, src_dtype: str, gguf_type: str) -> Path:
+    # "-vtest": the vocabulary it carries (files of older versions without one are never reused)
+    return CACHE / f"{model}-{weights_key(weights, seed)}-{src_dtype}-{gguf_type}-vtest.gguf"
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -138,7 +137,7 @@ def nbytes(shape, ttype: str) -> int:
     return n // block * size
 
 
-def write(model, cfg, name: str, gguf_type: str, path: Path, vocab: str = "none") -> dict:
+def write(model, cfg, name: str, gguf_type: str, path: Path) -> dict:
     """Stream the model into one GGUF file: header and tensor table first, then one tensor at a time."""
     import gguf
     w = gguf.GGUFWriter(path, "llama")
@@ -159,11 +158,8 @@ def write(model, cfg, name: str, gguf_type: str, path: Path, vocab: str = "none"
     w.add_file_type(FILE_TYPE[gguf_type])
     if gguf_type in ("Q8_0", "Q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if vocab == "test":  # llama.cpp's LLAMA_VOCAB_TYPE_TEST: token id -> its hex text, no special tokens
-        w.add_tokenizer_model("test")
-        w.add_token_list([f"{i:x}" for i in range(cfg.vocab_size)])
-    else:
-        w.add_tokenizer_model("none")  # ids in, logits out: no tokenizer
+    w.add_tokenizer_model("test")  # llama.cpp's LLAMA_VOCAB_TYPE_TEST: token id -> its hex text, no special tokens
+    w.add_token_list([f"{i:x}" for i in range(cfg.vocab_size)])
 
     plan = [(n, t, tensor_type(t, gguf_type)) for n, t in tensors(model, cfg)]
     sizes = {}
@@ -184,17 +180,15 @@ def source_dtype(gguf_type: str, dtype: str) -> str:
     return {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(gguf_type, dtype)
 
 
-def export(model_name: str, weights: str, seed: int, gguf_type: str, dtype: str = "fp32", vocab: str = "none") -> GgufFile:
+def export(model_name: str, weights: str, seed: int, gguf_type: str, dtype: str = "fp32") -> GgufFile:
     """The cached GGUF of (model, weights, seed, type), written first if missing.
 
     F32/F16/BF16 hold the weights load_model gives in fp32/fp16/bf16; Q8_0/Q4_0 quantize the weights
     load_model gives in `dtype` (the torch engines quantize from the same ones)."""
     if gguf_type not in TYPES:
         raise ValueError(f"gguf type {gguf_type!r} is not one of {', '.join(TYPES)}")
-    if vocab not in VOCABS:
-        raise ValueError(f"gguf vocab {vocab!r} is not one of {', '.join(VOCABS)}")
     src = source_dtype(gguf_type, dtype)
-    path = cache_path(model_name, weights, seed, src, gguf_type, vocab)
+    path = cache_path(model_name, weights, seed, src, gguf_type)
     sizes_file = path.with_suffix(".json")
     if path.exists() and sizes_file.exists():
         return GgufFile(path, gguf_type, json.loads(sizes_file.read_text()), 0.0, True)
@@ -205,7 +199,7 @@ def export(model_name: str, weights: str, seed: int, gguf_type: str, dtype: str 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with torch.no_grad():
-            sizes = write(model, cfg, model_name, gguf_type, tmp, vocab)
+            sizes = write(model, cfg, model_name, gguf_type, tmp)
         sizes_file.write_text(json.dumps(sizes))
         os.replace(tmp, path)
     finally:
