@@ -49,6 +49,18 @@ def test_w8a8_linears_are_the_ones_quantize_dynamic_makes_and_know_their_bytes()
         assert m.stored_bytes == w.numel() + 16 * w.shape[0]  # int8 weight, float64 scale and int64 zero point per row
 
 
+def test_linears_made_in_threads_are_the_serial_ones_in_the_same_places():
+    serial, _ = load_model("tiny-3b", seed=5)
+    threaded, _ = load_model("tiny-3b", seed=5)
+    names = quant.replace_linears(serial, quant.dynamic_int8_linear)
+    assert quant.replace_linears(threaded, quant.dynamic_int8_linear, workers=3) == names
+    for n in names:  # each module holds the weight of the Linear it replaced, not a neighbour's
+        a, b = serial.get_submodule(n).weight(), threaded.get_submodule(n).weight()
+        assert torch.equal(a.int_repr(), b.int_repr()) and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(all_logits(serial, ids), all_logits(threaded, ids))
+
+
 def test_weight_bytes_count_tied_embedding_once_and_scales():
     model, _ = load_model("tiny-1b")
     assert quant.weight_bytes(model) == 155_968 * 4
