@@ -234,6 +234,12 @@ def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> float:
         time.sleep(0.2)
 
 
+def slot_tokens(prompt_len: int, new_tokens: int) -> int:
+    """Context of one request slot: its prompt, its output and one more, in llama.cpp's cells of 256 (vLLM's
+    max-model-len is the same, so both servers hold the same KV cache per sequence)."""
+    return -(-(prompt_len + new_tokens + 1) // 256) * 256
+
+
 def llama_server_cmd(binary: Path, gguf: Path, port: int, alias: str, parallel: int, ctx_per_slot: int,
                      threads: int, kind: str, kv_type: str, flash_attn: str) -> list[str]:
     """llama-server's command line: continuous batching over `parallel` slots of ctx_per_slot tokens each."""
@@ -245,8 +251,7 @@ def llama_server_cmd(binary: Path, gguf: Path, port: int, alias: str, parallel: 
 
 def start_llama_server(binary: Path, gguf: Path, alias: str, run_dir: Path, parallel: int, ctx_per_slot: int,
                        threads: int, kind: str, kv_type: str, flash_attn: str, port: int = 0) -> Server:
-    """Start llama-server and wait until it is ready. port 0: a free port (retried if taken meanwhile);
-    a given port that is in use is an error before anything starts."""
+    """Start llama-server and wait until it is ready (start_owned)."""
     return start_owned("llama-server", alias, run_dir, port, lambda p: llama_server_cmd(
         binary, gguf, p, alias, parallel, ctx_per_slot, threads, kind, kv_type, flash_attn))
 
@@ -378,7 +383,7 @@ def start_vllm(sess, p: dict, prompt_len: int, new_tokens: int) -> Server:
     cpus = sorted(os.sched_getaffinity(0))
     threads = p.get("threads") or len(cpus)
     bind = bind_cpus(threads, cpus) if kind == "cpu" else ""
-    max_len = -(-(prompt_len + new_tokens + 1) // 256) * 256  # as llama-server's slots
+    max_len = slot_tokens(prompt_len, new_tokens)
     kv = vllm_kv_bytes(p["parallel"], max_len, kv_bytes_per_token(load_config(p["model"]), p["dtype"]))
     server = start_owned("vllm", p["model"], sess.dir, p.get("port", 0), lambda port: vllm_cmd(
         python, folder.path, p["model"], port, p["dtype"], max_len, p["parallel"], kv, p.get("seed", 0)),
@@ -756,7 +761,7 @@ def start_server(sess, server_kind: str, p: dict, prompt_len: int, new_tokens: i
         kv = KV_TYPE[p["dtype"]]
         fa = "off" if p["dtype"] == "fp32" else "auto"  # as the llamacpp engine: fp32 keeps attention in fp32
         threads = p.get("threads") or len(os.sched_getaffinity(0))
-        ctx_per_slot = -(-(prompt_len + new_tokens + 1) // 256) * 256
+        ctx_per_slot = slot_tokens(prompt_len, new_tokens)
         server = start_llama_server(binary, g.path, p["model"], sess.dir, p["parallel"], ctx_per_slot, threads,
                                     kind, kv, fa, p.get("port", 0))
     except Unsupported as why:
